@@ -1,0 +1,1 @@
+"""The guest side: mounting /dev/fuse and relaying the protocol to a server."""

@@ -1,0 +1,330 @@
+"""The guest side: mount /dev/fuse and relay FUSE frames between the kernel and the server.
+
+Threads (and what each may do):
+
+* ``kernel-reader`` reads /dev/fuse and forwards requests to the server. It never writes a
+  notification and never makes a call on the mount: the kernel may hold a directory lock while it
+  waits for the answer to a request this thread must read.
+* ``server-reader`` reads the socket and writes replies to /dev/fuse; notifications (unique 0) are
+  queued for the ``notifier`` thread, because writing FUSE_NOTIFY_INVAL_* can block on a
+  directory lock that a request in flight holds.
+* ``notifier`` writes notifications (and, with remote events, is where injection happens).
+
+If the server goes away, every request in flight is answered EIO, the mount is detached and the
+agent exits non-zero; closing /dev/fuse then makes every later call fail with ENOTCONN.
+
+Lock order: ``Relay.lock`` (in-flight set) is a leaf lock; the socket writer's lock is a leaf lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import queue
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from .. import abi, wire
+from ..linux import mount as linux_mount
+from ..protocol import MAX_WRITE, ProtocolError, reply_error
+
+log = logging.getLogger(__name__)
+
+READ_BUFFER = MAX_WRITE + 64 * 1024
+_NO_REPLY = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT)
+_INIT_FLAGS_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags"]
+_INIT_FLAGS2_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags2"]
+
+
+class MountError(Exception):
+    """The mount cannot be made: a one-line reason for the user."""
+
+
+@dataclass
+class MountOptions:
+    """``-o`` options in the usual FUSE style."""
+
+    allow_other: bool = True
+    read_only: bool = False
+    nosuid: bool = True
+    nodev: bool = True
+    noexec: bool = False
+    noatime: bool = False
+    fsname: str = "notifyfs"
+    subtype: str = "notifyfs"
+    readdirplus: str = "auto"  # yes | no | auto
+    writeback: bool = True  # ask for it; used only when the server allows it
+    async_read: bool = True
+    parallel_dirops: bool = True
+    max_write: int = MAX_WRITE
+    extra: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str | None) -> MountOptions:
+        o = cls()
+        if not text:
+            return o
+        for item in text.split(","):
+            key, _, value = item.strip().partition("=")
+            if not key:
+                continue
+            flag = {"allow_other": ("allow_other", True), "ro": ("read_only", True),
+                    "rw": ("read_only", False), "suid": ("nosuid", False),
+                    "nosuid": ("nosuid", True), "dev": ("nodev", False), "nodev": ("nodev", True),
+                    "exec": ("noexec", False), "noexec": ("noexec", True),
+                    "noatime": ("noatime", True), "atime": ("noatime", False),
+                    "writeback": ("writeback", True), "no_writeback": ("writeback", False),
+                    "async_read": ("async_read", True), "sync_read": ("async_read", False),
+                    "parallel_dirops": ("parallel_dirops", True),
+                    "no_parallel_dirops": ("parallel_dirops", False),
+                    "no_allow_other": ("allow_other", False)}.get(key)
+            if flag is not None and not value:
+                setattr(o, flag[0], flag[1])
+            elif key in ("fsname", "subtype") and value:
+                setattr(o, key, value)
+            elif key == "readdirplus" and value in ("yes", "no", "auto"):
+                o.readdirplus = value
+            elif key == "max_write" and value.isdigit() and 4096 <= int(value) <= MAX_WRITE:
+                o.max_write = int(value)
+            elif key in ("default_permissions", "rootmode", "user_id", "group_id", "fd"):
+                continue  # always set by notifyfs itself
+            else:
+                raise ValueError(f"unknown or malformed mount option {item!r}")
+        return o
+
+    def init_mask(self) -> int:
+        """INIT flags the agent takes away from the kernel's offer."""
+        mask = 0
+        if self.readdirplus == "no":
+            mask |= abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+        elif self.readdirplus == "yes":
+            mask |= abi.READDIRPLUS_AUTO
+        if not self.writeback:
+            mask |= abi.WRITEBACK_CACHE
+        if not self.async_read:
+            mask |= abi.ASYNC_READ
+        if not self.parallel_dirops:
+            mask |= abi.PARALLEL_DIROPS
+        return mask
+
+    def mount_flags(self) -> int:
+        f = 0
+        f |= linux_mount.MS_RDONLY if self.read_only else 0
+        f |= linux_mount.MS_NOSUID if self.nosuid else 0
+        f |= linux_mount.MS_NODEV if self.nodev else 0
+        f |= linux_mount.MS_NOEXEC if self.noexec else 0
+        f |= linux_mount.MS_NOATIME if self.noatime else 0
+        return f
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        raise MountError(f"mountpoint {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if os.listdir(path):
+        raise MountError(f"mountpoint {path} is not empty")
+    return path
+
+
+def open_fuse_device() -> int:
+    try:
+        return os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError("/dev/fuse does not exist (load the fuse module, or pass the device "
+                         "into the container)") from None
+    except PermissionError:
+        raise MountError("/dev/fuse: permission denied") from None
+
+
+class Relay:
+    def __init__(self, sock: socket.socket, mountpoint: str, options: MountOptions,
+                 features: int = 0) -> None:
+        self.sock = sock
+        self.mountpoint = mountpoint
+        self.options = options
+        self.features = features
+        self.devfd = -1
+        self.used_fusermount = False
+        self.writer = wire.FrameWriter(sock)
+        self.lock = threading.Lock()
+        self.inflight: set[int] = set()
+        self.server_dead = False
+        self.notifications: queue.Queue[bytes | None] = queue.Queue()
+        self.done = threading.Event()
+        self.exit_code = 0
+        self.exit_message = ""
+        self._stopping = False
+
+    # --- mounting ----------------------------------------------------------------------------
+    def mount(self) -> None:
+        o = self.options
+        if self.features & wire.FEATURE_READONLY:
+            o.read_only = True
+        if os.geteuid() == 0:
+            self.devfd = open_fuse_device()
+            data = (f"fd={self.devfd},rootmode=40000,user_id=0,group_id=0,default_permissions"
+                    f",max_read={o.max_write}" + (",allow_other" if o.allow_other else ""))
+            try:
+                linux_mount.mount(o.fsname, self.mountpoint, "fuse." + o.subtype,
+                                  o.mount_flags(), data)
+            except OSError as e:
+                os.close(self.devfd)
+                raise MountError(f"cannot mount {self.mountpoint}: {e.strerror}") from None
+        else:
+            opts = ["default_permissions", f"fsname={o.fsname}", f"subtype={o.subtype}"]
+            opts += ["ro"] if o.read_only else []
+            opts += ["allow_other"] if o.allow_other else []
+            opts += ["nosuid"] if o.nosuid else []
+            opts += ["nodev"] if o.nodev else []
+            opts += ["noexec"] if o.noexec else []
+            opts += ["noatime"] if o.noatime else []
+            try:
+                self.devfd = linux_mount.fusermount(self.mountpoint, ",".join(opts))
+            except OSError as e:
+                raise MountError(f"cannot mount {self.mountpoint}: {e.strerror or e}") from None
+            self.used_fusermount = True
+        log.info("mounted %s", self.mountpoint)
+
+    def unmount(self, lazy: bool = False) -> None:
+        if self.used_fusermount:
+            import subprocess
+            prog = "fusermount3"
+            subprocess.run([prog, "-u"] + (["-z"] if lazy else []) + [self.mountpoint],
+                           stderr=subprocess.DEVNULL, check=False)
+            return
+        try:
+            linux_mount.umount(self.mountpoint, linux_mount.MNT_DETACH if lazy else 0)
+        except OSError as e:
+            if e.errno == errno.EBUSY and not lazy:
+                linux_mount.umount(self.mountpoint, linux_mount.MNT_DETACH)
+            elif e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+
+    # --- running -----------------------------------------------------------------------------
+    def start(self) -> None:
+        for target, name in ((self._kernel_reader, "kernel-reader"),
+                             (self._server_reader, "server-reader"),
+                             (self._notifier, "notifier")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+    def wait(self) -> int:
+        self.done.wait()
+        return self.exit_code
+
+    def finish(self, code: int, message: str = "") -> None:
+        if self.done.is_set():
+            return
+        self.exit_code = code
+        self.exit_message = message
+        self.done.set()
+
+    def stop(self) -> None:
+        """SIGINT/SIGTERM: unmount and exit 0."""
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self.unmount()
+        except OSError as e:
+            log.warning("unmount failed: %s", e)
+        self.finish(0)
+
+    def _write_dev(self, frame: bytes) -> None:
+        try:
+            os.write(self.devfd, frame)
+        except OSError as e:
+            # ENOENT: the request was interrupted or aborted meanwhile; nothing to answer
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("write to /dev/fuse failed: %s", e)
+
+    def _kernel_reader(self) -> None:
+        mask = self.options.init_mask()
+        while True:
+            try:
+                data = os.read(self.devfd, READ_BUFFER)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                    continue
+                if e.errno == errno.ENODEV:
+                    log.info("%s was unmounted", self.mountpoint)
+                    self.finish(0)
+                else:
+                    self.finish(1, f"reading /dev/fuse failed: {e.strerror}")
+                return
+            if len(data) < abi.IN_HEADER.size:
+                continue
+            opcode, unique = struct.unpack_from("=IIQ", data)[1:]
+            if opcode == abi.Opcode.INIT and mask:
+                buf = bytearray(data)
+                (flags,) = struct.unpack_from("=I", buf, _INIT_FLAGS_OFFSET)
+                struct.pack_into("=I", buf, _INIT_FLAGS_OFFSET, flags & ~mask & 0xFFFFFFFF)
+                if len(buf) >= _INIT_FLAGS2_OFFSET + 4:
+                    (flags2,) = struct.unpack_from("=I", buf, _INIT_FLAGS2_OFFSET)
+                    struct.pack_into("=I", buf, _INIT_FLAGS2_OFFSET, flags2 & ~(mask >> 32))
+                data = bytes(buf)
+            needs_reply = opcode not in _NO_REPLY
+            with self.lock:
+                dead = self.server_dead
+                if needs_reply and not dead:
+                    self.inflight.add(unique)
+            if dead:
+                if needs_reply:
+                    self._write_dev(reply_error(unique, errno.EIO))
+                continue
+            try:
+                self.writer.write(data)
+            except OSError:
+                pass  # the server reader notices the dead connection and answers in-flight EIO
+
+    def _server_reader(self) -> None:
+        reader = wire.FrameReader(self.sock, wire.REPLY_MIN)
+        reason = "the server closed the connection"
+        while True:
+            try:
+                frame = reader.read()
+            except ProtocolError as e:
+                reason = f"the server sent garbage ({e})"
+                frame = None
+            if frame is None:
+                break
+            (unique,) = struct.unpack_from("=Q", frame, 8)
+            if unique == 0:
+                self.notifications.put(frame)
+                continue
+            with self.lock:
+                self.inflight.discard(unique)
+            self._write_dev(frame)
+        self._server_lost(reason)
+
+    def _server_lost(self, reason: str) -> None:
+        with self.lock:
+            self.server_dead = True
+            pending = sorted(self.inflight)
+            self.inflight.clear()
+        if self.done.is_set() or self._stopping:
+            return
+        log.error("%s: failing %d request(s) in flight and unmounting", reason, len(pending))
+        for unique in pending:
+            self._write_dev(reply_error(unique, errno.EIO))
+        try:
+            self.unmount(lazy=True)
+        except OSError as e:
+            log.warning("unmount failed: %s", e)
+        self.finish(1, f"notifyfs: lost the server: {reason}")
+
+    def _notifier(self) -> None:
+        while True:
+            frame = self.notifications.get()
+            if frame is None:
+                return
+            self._write_dev(frame)

@@ -1,0 +1,62 @@
+"""``notifyfs mount``: connect to a server and mount its export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .. import wire
+from .relay import MountError, MountOptions, Relay, check_mountpoint
+
+log = logging.getLogger(__name__)
+
+AGENT_FEATURES = wire.SUPPORTED_FEATURES
+
+
+def run_relay(relay: Relay) -> int:
+    """Start the relay's threads and block until it ends; SIGINT/SIGTERM unmount."""
+
+    def on_signal(signum: int, frame: object) -> None:
+        relay.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    relay.start()
+    code = relay.wait()
+    if relay.exit_message:
+        print(relay.exit_message, file=sys.stderr)
+    return code
+
+
+def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | None,
+          foreground: bool) -> int:
+    mountpoint = check_mountpoint(mountpoint)
+    addr = wire.parse_address(address)
+    try:
+        sock = wire.connect(addr)
+    except OSError as e:
+        raise MountError(f"cannot connect to {address}: {e.strerror or e}") from None
+    wire.tune(sock)
+    try:
+        features = wire.client_handshake(sock, token, AGENT_FEATURES)
+    except wire.HandshakeError as e:
+        raise MountError(f"{address}: {e}") from None
+    relay = Relay(sock, mountpoint, options, features)
+    relay.mount()
+    if not foreground and os.fork() > 0:
+        os._exit(0)  # the parent returns once the mount exists; the child serves it
+    if not foreground:
+        os.setsid()
+    return run_relay(relay)
+
+
+def relay_over(sock: socket.socket, mountpoint: str, options: MountOptions,
+               token: bytes | None) -> Relay:
+    """Handshake on an already connected socket and mount (used by ``share``)."""
+    features = wire.client_handshake(sock, token, AGENT_FEATURES)
+    relay = Relay(sock, mountpoint, options, features)
+    relay.mount()
+    return relay

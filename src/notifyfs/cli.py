@@ -1,0 +1,105 @@
+"""Command-line parsing only: every command's work lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__, wire
+
+
+def _owner(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit():
+        raise argparse.ArgumentTypeError(f"expected UID:GID, got {text!r}")
+    return int(uid), int(gid)
+
+
+def _token(path: str | None) -> bytes | None:
+    """The shared secret: from --token-file, else $NOTIFYFS_TOKEN (never the command line)."""
+    if path:
+        with open(path, "rb") as f:
+            tok = f.read().strip()
+        if not tok:
+            raise ValueError(f"token file {path} is empty")
+        return tok
+    env = os.environ.get("NOTIFYFS_TOKEN")
+    return env.encode() if env else None
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--read-only", action="store_true", help="refuse every change (EROFS)")
+    p.add_argument("--squash", type=_owner, metavar="UID:GID",
+                   help="files the guest creates belong to UID:GID; chown is refused")
+    p.add_argument("--entry-timeout", type=float, default=1.0, metavar="SEC",
+                   help="how long the guest kernel caches names (default 1.0)")
+    p.add_argument("--attr-timeout", type=float, default=1.0, metavar="SEC",
+                   help="how long the guest kernel caches attributes (default 1.0)")
+    p.add_argument("--writeback", action="store_true",
+                   help="allow the guest kernel's writeback cache (faster small writes)")
+    p.add_argument("--workers", type=int, default=8, help="worker threads per connection")
+
+
+def _mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", dest="options", metavar="OPT[,OPT...]",
+                   help="mount options: ro, allow_other, noexec, noatime, fsname=, subtype=, "
+                        "readdirplus=yes|no|auto, no_writeback, sync_read, no_parallel_dirops, "
+                        "max_write=N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="notifyfs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"notifyfs {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="export a directory to agents (the host side)")
+    p.add_argument("export")
+    p.add_argument("--listen", required=True, metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--token-file", metavar="PATH", help="shared secret (else $NOTIFYFS_TOKEN)")
+    _server_args(p)
+
+    p = sub.add_parser("mount", help="mount a served export (the guest side)")
+    p.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--token-file", metavar="PATH", help="shared secret (else $NOTIFYFS_TOKEN)")
+    _mount_args(p)
+
+    p = sub.add_parser("share", help="serve and mount on one machine (foreground)")
+    p.add_argument("src")
+    p.add_argument("mountpoint")
+    _server_args(p)
+    _mount_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="notifyfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    # imported here so that `notifyfs --help` stays fast
+    from .agent.relay import MountError, MountOptions
+    from .server.passthrough import Options
+    from .server.run import ServeError
+
+    try:
+        if args.command == "mount":
+            from .agent.run import mount
+            return mount(args.address, args.mountpoint, MountOptions.parse(args.options),
+                         _token(args.token_file), args.foreground)
+        sopts = Options(read_only=args.read_only, squash=args.squash,
+                        entry_timeout=args.entry_timeout, attr_timeout=args.attr_timeout,
+                        writeback=args.writeback)
+        if args.command == "serve":
+            from .server.run import serve
+            return serve(args.export, args.listen, sopts, _token(args.token_file), args.workers)
+        from .share import share
+        return share(args.src, args.mountpoint, sopts, MountOptions.parse(args.options),
+                     args.workers)
+    except (MountError, ServeError, ValueError, wire.HandshakeError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"notifyfs: error: {msg}", file=sys.stderr)
+        return 1

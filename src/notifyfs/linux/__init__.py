@@ -1,0 +1,1 @@
+"""Thin ctypes wrappers for Linux system calls that the os module lacks."""

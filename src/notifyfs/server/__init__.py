@@ -1,0 +1,1 @@
+"""The host side: request dispatch, the passthrough filesystem, and the connection loop."""

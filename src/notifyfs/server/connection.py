@@ -1,0 +1,164 @@
+"""One agent connection (a reader thread and a pool of workers), and the accept loop.
+
+Threads per connection: the reader decodes frames and hands them to ``workers`` worker threads
+through a bounded queue (a client that floods requests without reading replies blocks only its own
+reader). FORGET, BATCH_FORGET and INTERRUPT are cheap and handled by the reader itself. Replies and
+notifications go through one :class:`FrameWriter` (its lock is a leaf lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import queue
+import socket
+import threading
+from typing import Callable
+
+from .. import abi, wire
+from ..protocol import ProtocolError, Request, decode_request, reply, reply_error
+from .dispatch import Filesystem, FuseError
+
+log = logging.getLogger(__name__)
+
+_INLINE = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET)
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, fs: Filesystem, workers: int = 8,
+                 max_pending: int = 256, peer: str = "agent") -> None:
+        self.sock = sock
+        self.fs = fs
+        self.peer = peer
+        self.writer = wire.FrameWriter(sock)
+        self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_pending)
+        self.nworkers = workers
+        self.destroyed = False
+        fs.attach(self.send)
+
+    def send(self, frame: bytes) -> None:
+        try:
+            self.writer.write(frame)
+        except OSError as e:
+            log.debug("%s: cannot send: %s", self.peer, e)
+
+    def run(self) -> None:
+        """Serve until the peer goes away; then release everything held for it."""
+        threads = [threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+                   for i in range(self.nworkers)]
+        for t in threads:
+            t.start()
+        try:
+            self._read()
+        finally:
+            for _ in threads:
+                self.queue.put(None)
+            for t in threads:
+                t.join(timeout=10)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.fs.close()
+            log.info("%s: disconnected", self.peer)
+
+    def _read(self) -> None:
+        reader = wire.FrameReader(self.sock, wire.REQUEST_MIN)
+        session = getattr(self.fs, "session", None)
+        while True:
+            try:
+                frame = reader.read()
+            except ProtocolError as e:
+                log.error("%s: unreadable stream (%s); closing the connection", self.peer, e)
+                return
+            if frame is None:
+                return
+            try:
+                req = decode_request(frame, session)
+            except ProtocolError as e:
+                if e.unique is None:
+                    log.error("%s: %s; closing the connection", self.peer, e)
+                    return
+                log.warning("%s: bad request %d: %s", self.peer, e.unique, e)
+                self.send(reply_error(e.unique, e.errno))
+                continue
+            if req.opcode in _INLINE:
+                self._call(req)
+            elif req.opcode == abi.Opcode.INTERRUPT:
+                interrupt: Callable[[int], None] | None = getattr(self.fs, "interrupt", None)
+                if interrupt is not None:
+                    interrupt(req.arg.unique)
+            elif self.destroyed or req.unique == 0:
+                self.send(reply_error(req.unique, errno.ESHUTDOWN)) if req.unique else None
+            else:
+                if req.opcode == abi.Opcode.DESTROY:
+                    self.destroyed = True
+                self.queue.put(req)
+
+    def _work(self) -> None:
+        while True:
+            req = self.queue.get()
+            if req is None:
+                return
+            out = self._call(req)
+            if out is not None:
+                self.send(out)
+
+    def _call(self, req: Request) -> bytes | None:
+        try:
+            payload = self.fs.handle(req)
+        except FuseError as e:
+            return reply_error(req.unique, e.errno)
+        except OSError as e:
+            return reply_error(req.unique, e.errno or errno.EIO)
+        except Exception:
+            log.exception("%s: %s failed", self.peer, req.opname)
+            return reply_error(req.unique, errno.EIO)
+        if payload is None or req.opcode in _INLINE:
+            return None
+        return reply(req.unique, payload)
+
+
+class Server:
+    """Accepts agents on a listening socket; one filesystem object per connection."""
+
+    def __init__(self, make_fs: Callable[[], Filesystem], token: bytes | None = None,
+                 features: int = wire.SUPPORTED_FEATURES, workers: int = 8) -> None:
+        self.make_fs = make_fs
+        self.token = token
+        self.features = features
+        self.workers = workers
+        self.connections: set[Connection] = set()
+        self.lock = threading.Lock()
+
+    def serve_socket(self, sock: socket.socket, peer: str) -> None:
+        """Handshake and serve one connected socket (blocks until it closes)."""
+        wire.tune(sock)
+        try:
+            wire.server_handshake(sock, self.token, self.features)
+        except (wire.HandshakeError, OSError) as e:
+            log.warning("%s: handshake failed: %s", peer, e)
+            sock.close()
+            return
+        log.info("%s: connected", peer)
+        conn = Connection(sock, self.make_fs(), workers=self.workers, peer=peer)
+        with self.lock:
+            self.connections.add(conn)
+        try:
+            conn.run()
+        finally:
+            with self.lock:
+                self.connections.discard(conn)
+
+    def serve_forever(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except OSError as e:
+                if e.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                log.warning("accept failed: %s", e)
+                continue
+            peer = str(addr) if addr else "agent"
+            threading.Thread(target=self.serve_socket, args=(sock, peer), daemon=True,
+                             name=f"conn-{peer}").start()

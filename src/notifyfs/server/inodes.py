@@ -1,0 +1,175 @@
+"""The inode table: nodeid -> host inode (an O_PATH fd), with exact nlookup accounting.
+
+A nodeid is derived from the host inode, not from a counter, so that a restarted server hands out
+the same nodeids (the reliability issue): nodeid = (device index << 56) | st_ino, the export's root
+is always FUSE_ROOT_ID, and a collision (an inode number >= 2**56, or 1) falls back to a counter in
+the reserved index 0xff. The generation is a hash of the host's file handle, so that an inode number
+the host reuses for a new file does not look like the old inode to the guest kernel.
+
+Lifetime: an entry lives while the kernel holds lookups on it (``nlookup``) or a request is using it
+(``refs``). FORGET that drops nlookup to zero closes the fd, but only after the last request that
+acquired the entry has released it, so a hostile FORGET can never make a worker use a reused fd.
+
+Lock order: ``InodeTable.lock`` is a leaf lock; nothing else is acquired while holding it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import zlib
+from dataclasses import dataclass
+
+from ..linux import fs as linux_fs
+from .dispatch import FuseError
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+_RESERVED_INDEX = 0xFF
+_INO_BITS = 56
+
+
+@dataclass(eq=False)
+class Inode:
+    nodeid: int
+    fd: int
+    key: tuple[int, int]
+    generation: int
+    fmt: int  # stat.S_IFMT of the host inode
+    nlookup: int = 0
+    refs: int = 0
+    dead: bool = False
+
+    @property
+    def is_dir(self) -> bool:
+        return self.fmt == stat.S_IFDIR
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.fmt == stat.S_IFLNK
+
+
+def _generation(fd: int) -> int:
+    try:
+        _htype, handle, _mnt = linux_fs.name_to_handle(fd)
+    except OSError:
+        return 0
+    return zlib.crc32(handle)
+
+
+class InodeTable:
+    def __init__(self, root_fd: int) -> None:
+        st = os.fstat(root_fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError("export root is not a directory")
+        self.lock = threading.Lock()
+        self._devs: dict[int, int] = {st.st_dev: 0}
+        self._next_reserved = 2
+        root = Inode(ROOT_ID, root_fd, (st.st_dev, st.st_ino), 0, stat.S_IFDIR, nlookup=1)
+        self.root = root
+        self.by_id: dict[int, Inode] = {ROOT_ID: root}
+        self.by_key: dict[tuple[int, int], Inode] = {root.key: root}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def _derive_nodeid(self, dev: int, ino: int) -> int:
+        idx = self._devs.get(dev)
+        if idx is None:
+            idx = len(self._devs)
+            if idx >= _RESERVED_INDEX:
+                idx = _RESERVED_INDEX
+            else:
+                self._devs[dev] = idx
+        nodeid = (idx << _INO_BITS) | ino
+        if idx == _RESERVED_INDEX or ino >> _INO_BITS or nodeid in (0, ROOT_ID) or nodeid in self.by_id:
+            while True:
+                nodeid = (_RESERVED_INDEX << _INO_BITS) | self._next_reserved
+                self._next_reserved += 1
+                if nodeid not in self.by_id:
+                    break
+        return nodeid
+
+    def acquire(self, nodeid: int) -> Inode:
+        """The live inode for ``nodeid`` with one more in-flight reference; ESTALE if unknown."""
+        with self.lock:
+            inode = self.by_id.get(nodeid)
+            if inode is None or inode.dead:
+                raise FuseError(errno.ESTALE, f"unknown nodeid {nodeid}")
+            inode.refs += 1
+            return inode
+
+    def release(self, inode: Inode) -> None:
+        close = False
+        with self.lock:
+            inode.refs -= 1
+            if inode.dead and inode.refs == 0:
+                close = True
+        if close:
+            os.close(inode.fd)
+
+    def add_lookup(self, fd: int, st: os.stat_result) -> Inode:
+        """Count one lookup of the host inode behind ``fd`` (an O_PATH fd the table now owns)."""
+        key = (st.st_dev, st.st_ino)
+        with self.lock:
+            known = self.by_key.get(key)
+            hit = known is not None and not known.dead
+            if hit:
+                known.nlookup += 1
+        if hit:
+            os.close(fd)
+            return known
+        gen = _generation(fd)
+        with self.lock:
+            inode = self.by_key.get(key)
+            if inode is not None and not inode.dead:  # another worker won the race
+                inode.nlookup += 1
+            else:
+                nodeid = self._derive_nodeid(st.st_dev, st.st_ino)
+                inode = Inode(nodeid, fd, key, gen, stat.S_IFMT(st.st_mode), nlookup=1)
+                self.by_id[nodeid] = inode
+                self.by_key[key] = inode
+                return inode
+        os.close(fd)
+        return inode
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        close = False
+        with self.lock:
+            inode = self.by_id.get(nodeid)
+            if inode is None or nodeid == ROOT_ID:
+                if nodeid != ROOT_ID:
+                    log.debug("FORGET of unknown nodeid %d", nodeid)
+                return
+            if nlookup > inode.nlookup:
+                log.warning("FORGET %d of nodeid %d with only %d lookups", nlookup, nodeid,
+                            inode.nlookup)
+                nlookup = inode.nlookup
+            inode.nlookup -= nlookup
+            if inode.nlookup == 0:
+                del self.by_id[nodeid]
+                if self.by_key.get(inode.key) is inode:
+                    del self.by_key[inode.key]
+                inode.dead = True
+                close = inode.refs == 0
+        if close:
+            os.close(inode.fd)
+
+    def lookup_counts(self) -> dict[int, int]:
+        with self.lock:
+            return {n: i.nlookup for n, i in self.by_id.items()}
+
+    def close_all(self) -> None:
+        with self.lock:
+            inodes = [i for i in self.by_id.values() if i.nodeid != ROOT_ID]
+            self.by_id = {ROOT_ID: self.root}
+            self.by_key = {self.root.key: self.root}
+            for i in inodes:
+                i.dead = True
+        for i in inodes:
+            if i.refs == 0:
+                os.close(i.fd)

@@ -1,0 +1,678 @@
+"""The passthrough filesystem: serves a host directory (the export) to one agent.
+
+Confinement: every inode is held as an ``O_PATH | O_NOFOLLOW`` fd that was reached from the export
+root one validated name at a time (no ``/``, no ``.`` or ``..``) with
+``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)``; every call that takes a
+name is an ``*at`` call on a parent fd with ``AT_SYMLINK_NOFOLLOW`` or ``O_NOFOLLOW``. Operations
+on the inode itself use the fd (``AT_EMPTY_PATH``) or ``/proc/self/fd/N``, which reopens exactly that
+inode and is never used on a symlink. So no request can reach outside the export, whatever symlinks
+are planted inside it and whatever is renamed while a request runs.
+
+Permissions: the agent mounts with ``default_permissions``, so the guest kernel checks access
+against the attributes we report; files a guest user creates are chowned to that user (or to the
+``squash`` owner) right after creation.
+
+Lock order: ``Passthrough.lock`` (handle tables) may be taken before ``InodeTable.lock``, never
+after it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import abi
+from ..linux import fs as linux_fs
+from ..protocol import (
+    MAX_WRITE,
+    Attr,
+    DirentBuffer,
+    Request,
+    Session,
+    attr_out,
+    decode_rdev,
+    dirent_type,
+    entry_out,
+    init_flags,
+    init_out,
+    statfs_out,
+)
+from .dispatch import Filesystem, FuseError
+from .inodes import Inode, InodeTable
+
+log = logging.getLogger(__name__)
+
+LOOKUP_RESOLVE = (linux_fs.RESOLVE_BENEATH | linux_fs.RESOLVE_NO_SYMLINKS
+                  | linux_fs.RESOLVE_NO_MAGICLINKS)
+_WRITE_ACCESS = (os.O_WRONLY, os.O_RDWR)
+#: open(2) flags the server never passes on: creation is done by CREATE, O_DIRECT needs aligned
+#: buffers that Python does not give, and the guest's controlling-terminal wish is not ours
+_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | getattr(os, "O_PATH", 0)
+
+
+@dataclass
+class Options:
+    read_only: bool = False
+    squash: tuple[int, int] | None = None  # every new file gets this owner; chown is refused
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+    writeback: bool = False
+
+
+@dataclass(eq=False)
+class Handle:
+    fd: int
+    inode: Inode
+    flags: int
+    refs: int = 0
+    closed: bool = False
+    entries: list[tuple[bytes, int, int]] | None = None  # directory snapshot: (name, ino, dtype)
+
+
+def check_name(name: bytes) -> bytes:
+    if not name or name in (b".", b".."):
+        raise FuseError(errno.EINVAL, f"bad name {name!r}")
+    if b"/" in name or b"\0" in name:
+        raise FuseError(errno.EINVAL, f"bad name {name!r}")
+    if len(name) > 255:
+        raise FuseError(errno.ENAMETOOLONG)
+    return name
+
+
+@dataclass
+class _Uses:
+    """Inodes and handles a request acquired; released when it ends."""
+
+    inodes: list[Inode] = field(default_factory=list)
+    handles: list[Handle] = field(default_factory=list)
+
+
+class Passthrough(Filesystem):
+    def __init__(self, export: str, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.export = os.path.realpath(export)
+        root_fd = os.open(self.export, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.inodes = InodeTable(root_fd)
+        self.session = Session()
+        self.lock = threading.Lock()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.interrupted: set[int] = set()
+        self.is_root = os.geteuid() == 0
+        self._local = threading.local()
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    def handle(self, req: Request) -> bytes | None:
+        uses = _Uses()
+        self._local.uses = uses
+        try:
+            return super().handle(req)
+        finally:
+            for h in uses.handles:
+                self._put_handle(h)
+            for i in uses.inodes:
+                self.inodes.release(i)
+            self._local.uses = None
+
+    def _inode(self, nodeid: int) -> Inode:
+        inode = self.inodes.acquire(nodeid)
+        self._local.uses.inodes.append(inode)
+        return inode
+
+    def _dir(self, nodeid: int) -> Inode:
+        inode = self._inode(nodeid)
+        if not inode.is_dir:
+            raise FuseError(errno.ENOTDIR)
+        return inode
+
+    def _new_handle(self, fd: int, inode: Inode, flags: int) -> int:
+        with self.lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = Handle(fd, inode, flags)
+            with self.inodes.lock:
+                inode.refs += 1  # a handle keeps its inode's fd alive
+        return fh
+
+    def _handle(self, fh: int, nodeid: int | None = None) -> Handle:
+        with self.lock:
+            h = self.handles.get(fh)
+            if h is None or h.closed:
+                raise FuseError(errno.EBADF, f"unknown file handle {fh}")
+            if nodeid is not None and h.inode.nodeid != nodeid:
+                raise FuseError(errno.EBADF, "file handle of another inode")
+            h.refs += 1
+        self._local.uses.handles.append(h)
+        return h
+
+    def _put_handle(self, h: Handle) -> None:
+        with self.lock:
+            h.refs -= 1
+            close = h.closed and h.refs == 0
+        if close:
+            self._close_handle(h)
+
+    def _close_handle(self, h: Handle) -> None:
+        os.close(h.fd)
+        self.inodes.release(h.inode)
+
+    def _release(self, fh: int) -> None:
+        with self.lock:
+            h = self.handles.pop(fh, None)
+            if h is None:
+                raise FuseError(errno.EBADF)
+            h.closed = True
+            close = h.refs == 0
+        if close:
+            self._close_handle(h)
+
+    def _writable(self) -> None:
+        if self.options.read_only:
+            raise FuseError(errno.EROFS)
+
+    def _entry(self, fd: int) -> bytes:
+        """Count a lookup of the inode behind ``fd`` (O_PATH, now owned by the table)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        inode = self.inodes.add_lookup(fd, st)
+        o = self.options
+        return entry_out(inode.nodeid, inode.generation, Attr.from_stat(st), o.entry_timeout,
+                         o.attr_timeout)
+
+    def _lookup_fd(self, parent: Inode, name: bytes) -> int:
+        return linux_fs.openat2(parent.fd, name, os.O_PATH | os.O_NOFOLLOW, resolve=LOOKUP_RESOLVE)
+
+    def _owner(self, req: Request, parent: Inode) -> tuple[int, int] | None:
+        """Who should own a file this request creates, or None to keep what the host gave it."""
+        if self.options.squash is not None:
+            return self.options.squash
+        if not self.is_root:
+            return None
+        gid = req.gid
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        return req.uid, gid
+
+    def _set_owner(self, req: Request, parent: Inode, name: bytes, mode: int) -> None:
+        owner = self._owner(req, parent)
+        if owner is None:
+            return
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if (st.st_uid, st.st_gid) == owner:
+            return
+        os.chown(name, owner[0], owner[1], dir_fd=parent.fd, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(st.st_mode):
+            # chown clears set-id bits, even for root; the guest asked for them
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=parent.fd)
+
+    def _after_create(self, req: Request, parent: Inode, name: bytes, mode: int) -> bytes:
+        try:
+            self._set_owner(req, parent, name, mode)
+        except OSError:
+            log.exception("cannot set the owner of a new file")
+        return self._entry(self._lookup_fd(parent, name))
+
+    # --- session -----------------------------------------------------------------------------
+    WANTED_FLAGS = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.FLOCK_LOCKS
+                    | abi.AUTO_INVAL_DATA | abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO
+                    | abi.ASYNC_DIO | abi.PARALLEL_DIROPS | abi.MAX_PAGES | abi.CACHE_SYMLINKS
+                    | abi.INIT_EXT)
+
+    def op_init(self, req: Request) -> bytes:
+        a = req.arg
+        if a.major != abi.KERNEL_VERSION or a.minor < abi.MIN_MINOR:
+            raise FuseError(errno.EPROTO, f"kernel FUSE {a.major}.{a.minor} is too old (need 7.31)")
+        minor = min(a.minor, abi.MAX_MINOR)
+        wanted = self.WANTED_FLAGS
+        if self.options.writeback and not self.options.read_only:
+            wanted |= abi.WRITEBACK_CACHE
+        flags = init_flags(a) & wanted
+        self.session.minor = minor
+        self.session.flags = flags
+        log.info("INIT: kernel FUSE 7.%d, answering 7.%d, flags %#x", a.minor, minor, flags)
+        return init_out(minor, flags, max_write=MAX_WRITE, max_pages=MAX_WRITE // 4096,
+                        max_readahead=a.max_readahead)
+
+    def op_destroy(self, req: Request) -> bytes:
+        return b""
+
+    # --- names -------------------------------------------------------------------------------
+    def op_lookup(self, req: Request) -> bytes:
+        parent = self._dir(req.nodeid)
+        return self._entry(self._lookup_fd(parent, check_name(req.name)))
+
+    def op_forget(self, req: Request) -> None:
+        self.inodes.forget(req.nodeid, req.arg.nlookup)
+        return None
+
+    def op_batch_forget(self, req: Request) -> None:
+        for nodeid, nlookup in req.forgets:
+            self.inodes.forget(nodeid, nlookup)
+        return None
+
+    def op_getattr(self, req: Request) -> bytes:
+        inode = self._inode(req.nodeid)
+        if req.arg.getattr_flags & abi.GETATTR_FH:
+            st = os.fstat(self._handle(req.arg.fh, req.nodeid).fd)
+        else:
+            st = os.fstat(inode.fd)
+        return attr_out(Attr.from_stat(st), self.options.attr_timeout)
+
+    def op_setattr(self, req: Request) -> bytes:
+        self._writable()
+        a = req.arg
+        inode = self._inode(req.nodeid)
+        valid = a.valid
+        h = self._handle(a.fh, req.nodeid) if valid & abi.FATTR_FH else None
+        path = linux_fs.proc_path(inode.fd)
+        if valid & abi.FATTR_MODE:
+            if inode.is_symlink:
+                raise FuseError(errno.EOPNOTSUPP)
+            if h is not None:
+                os.fchmod(h.fd, stat.S_IMODE(a.mode))
+            else:
+                os.chmod(path, stat.S_IMODE(a.mode))
+        if valid & (abi.FATTR_UID | abi.FATTR_GID):
+            if self.options.squash is not None:
+                raise FuseError(errno.EPERM, "chown refused: the export squashes owners")
+            uid = a.uid if valid & abi.FATTR_UID else -1
+            gid = a.gid if valid & abi.FATTR_GID else -1
+            linux_fs.fchown_empty(inode.fd, uid, gid)
+        if valid & abi.FATTR_SIZE:
+            if not inode.fmt == stat.S_IFREG:
+                raise FuseError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            if h is not None:
+                os.ftruncate(h.fd, a.size)
+            else:
+                os.truncate(path, a.size)
+        if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME_NOW):
+            def when(set_bit: int, now_bit: int, sec: int, nsec: int) -> tuple[int, int]:
+                if valid & now_bit:
+                    return 0, linux_fs.UTIME_NOW
+                if valid & set_bit:
+                    if nsec >= 10**9:
+                        raise FuseError(errno.EINVAL)
+                    return sec if sec < 1 << 63 else sec - (1 << 64), nsec
+                return 0, linux_fs.UTIME_OMIT
+            linux_fs.utimens_empty(
+                inode.fd,
+                when(abi.FATTR_ATIME, abi.FATTR_ATIME_NOW, a.atime, a.atimensec),
+                when(abi.FATTR_MTIME, abi.FATTR_MTIME_NOW, a.mtime, a.mtimensec),
+            )
+        return attr_out(Attr.from_stat(os.fstat(inode.fd)), self.options.attr_timeout)
+
+    def op_readlink(self, req: Request) -> bytes:
+        inode = self._inode(req.nodeid)
+        if not inode.is_symlink:
+            raise FuseError(errno.EINVAL)
+        return os.readlink(b"", dir_fd=inode.fd)
+
+    def op_symlink(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        name, target = check_name(req.names[0]), req.names[1]
+        if not target:
+            raise FuseError(errno.ENOENT)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return self._after_create(req, parent, name, 0)
+
+    def op_mknod(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        name = check_name(req.name)
+        mode = req.arg.mode
+        fmt = stat.S_IFMT(mode)
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FuseError(errno.EINVAL)
+        os.mknod(name, mode, decode_rdev(req.arg.rdev), dir_fd=parent.fd)
+        return self._after_create(req, parent, name, mode)
+
+    def op_mkdir(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        name = check_name(req.name)
+        os.mkdir(name, req.arg.mode & 0o7777, dir_fd=parent.fd)
+        return self._after_create(req, parent, name, req.arg.mode)
+
+    def op_unlink(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        os.unlink(check_name(req.name), dir_fd=parent.fd)
+        return b""
+
+    def op_rmdir(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        os.rmdir(check_name(req.name), dir_fd=parent.fd)
+        return b""
+
+    def _rename(self, req: Request, newdir: int, flags: int) -> bytes:
+        self._writable()
+        if flags & ~(linux_fs.RENAME_NOREPLACE | linux_fs.RENAME_EXCHANGE | linux_fs.RENAME_WHITEOUT):
+            raise FuseError(errno.EINVAL)
+        old_parent = self._dir(req.nodeid)
+        new_parent = self._dir(newdir)
+        linux_fs.renameat2(old_parent.fd, check_name(req.names[0]), new_parent.fd,
+                           check_name(req.names[1]), flags)
+        return b""
+
+    def op_rename(self, req: Request) -> bytes:
+        return self._rename(req, req.arg.newdir, 0)
+
+    def op_rename2(self, req: Request) -> bytes:
+        return self._rename(req, req.arg.newdir, req.arg.flags)
+
+    def op_link(self, req: Request) -> bytes:
+        self._writable()
+        inode = self._inode(req.arg.oldnodeid)
+        parent = self._dir(req.nodeid)
+        name = check_name(req.name)
+        if inode.is_dir:
+            raise FuseError(errno.EPERM)
+        try:
+            linux_fs.link_empty(inode.fd, parent.fd, name)
+        except PermissionError:
+            if inode.is_symlink:
+                raise
+            os.link(linux_fs.proc_path(inode.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        return self._entry(self._lookup_fd(parent, name))
+
+    # --- files -------------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        if flags & os.O_ACCMODE in _WRITE_ACCESS or flags & os.O_TRUNC:
+            self._writable()
+        flags &= ~_STRIP_OPEN_FLAGS
+        if self.session.flags & abi.WRITEBACK_CACHE:
+            # the kernel may read to fill pages of a write-only file, and does O_APPEND itself
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags | os.O_CLOEXEC
+
+    def op_open(self, req: Request) -> bytes:
+        inode = self._inode(req.nodeid)
+        if inode.fmt != stat.S_IFREG:
+            raise FuseError(errno.EISDIR if inode.is_dir else errno.ELOOP if inode.is_symlink
+                            else errno.EINVAL)
+        flags = self._open_flags(req.arg.flags)
+        fd = os.open(linux_fs.proc_path(inode.fd), flags)
+        fh = self._new_handle(fd, inode, flags)
+        return abi.OPEN_OUT.pack(fh, 0, 0)
+
+    def op_create(self, req: Request) -> bytes:
+        self._writable()
+        parent = self._dir(req.nodeid)
+        name = check_name(req.name)
+        a = req.arg
+        flags = self._open_flags(a.flags) | os.O_CREAT | os.O_NOFOLLOW
+        if a.flags & os.O_EXCL:
+            flags |= os.O_EXCL
+        fd = os.open(name, flags, a.mode & 0o7777, dir_fd=parent.fd)
+        try:
+            self._set_owner(req, parent, name, a.mode)
+            path_fd = os.open(linux_fs.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
+            entry = self._entry(path_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self.inodes.lock:
+            inode = self.inodes.by_id[abi.ENTRY_OUT.unpack_from(entry).nodeid]
+            inode.refs += 1
+        self._local.uses.inodes.append(inode)
+        fh = self._new_handle(fd, inode, flags)
+        return entry + abi.OPEN_OUT.pack(fh, 0, 0)
+
+    def op_read(self, req: Request) -> bytes:
+        a = req.arg
+        h = self._handle(a.fh, req.nodeid)
+        if a.size > MAX_WRITE:
+            raise FuseError(errno.EINVAL)
+        return os.pread(h.fd, a.size, a.offset)
+
+    def op_write(self, req: Request) -> bytes:
+        self._writable()
+        a = req.arg
+        h = self._handle(a.fh, req.nodeid)
+        n = os.pwrite(h.fd, req.data, a.offset)
+        return abi.WRITE_OUT.pack(n)
+
+    def op_statfs(self, req: Request) -> bytes:
+        inode = self._inode(req.nodeid)
+        return statfs_out(os.fstatvfs(inode.fd))
+
+    def op_flush(self, req: Request) -> bytes:
+        self._handle(req.arg.fh, req.nodeid)
+        return b""
+
+    def op_release(self, req: Request) -> bytes:
+        self._release(req.arg.fh)
+        return b""
+
+    def op_fsync(self, req: Request) -> bytes:
+        h = self._handle(req.arg.fh, req.nodeid)
+        if req.arg.fsync_flags & abi.FSYNC_FDATASYNC:
+            os.fdatasync(h.fd)
+        else:
+            os.fsync(h.fd)
+        return b""
+
+    def op_fallocate(self, req: Request) -> bytes:
+        self._writable()
+        a = req.arg
+        h = self._handle(a.fh, req.nodeid)
+        linux_fs.fallocate(h.fd, a.mode, a.offset, a.length)
+        return b""
+
+    def op_lseek(self, req: Request) -> bytes:
+        a = req.arg
+        h = self._handle(a.fh, req.nodeid)
+        if a.whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise FuseError(errno.EINVAL)
+        return abi.LSEEK_OUT.pack(os.lseek(h.fd, a.offset, a.whence))
+
+    def op_copy_file_range(self, req: Request) -> bytes:
+        self._writable()
+        a = req.arg
+        src = self._handle(a.fh_in, req.nodeid)
+        dst = self._handle(a.fh_out, a.nodeid_out)
+        n = os.copy_file_range(src.fd, dst.fd, min(a.len, 1 << 30), a.off_in, a.off_out)
+        return abi.WRITE_OUT.pack(n)
+
+    # --- locks (flock semantics; POSIX locks stay local in the guest kernel) ----------------
+    def op_getlk(self, req: Request) -> bytes:
+        raise FuseError(errno.ENOSYS)
+
+    def _flock(self, req: Request, wait: bool) -> bytes:
+        a = req.arg
+        if not a.lk_flags & abi.LK_FLOCK:
+            raise FuseError(errno.ENOSYS)
+        h = self._handle(a.fh, req.nodeid)
+        op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX,
+              fcntl.F_UNLCK: fcntl.LOCK_UN}.get(a.type)
+        if op is None:
+            raise FuseError(errno.EINVAL)
+        if op == fcntl.LOCK_UN:
+            fcntl.flock(h.fd, op)
+            return b""
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(h.fd, op | fcntl.LOCK_NB)
+                return b""
+            except BlockingIOError:
+                if not wait:
+                    raise FuseError(errno.EAGAIN) from None
+            # a blocking flock in a worker could not be interrupted: poll, and honour INTERRUPT
+            if req.unique in self.interrupted:
+                self.interrupted.discard(req.unique)
+                raise FuseError(errno.EINTR)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def op_setlk(self, req: Request) -> bytes:
+        return self._flock(req, wait=False)
+
+    def op_setlkw(self, req: Request) -> bytes:
+        return self._flock(req, wait=True)
+
+    def interrupt(self, unique: int) -> None:
+        self.interrupted.add(unique)
+        if len(self.interrupted) > 4096:  # interrupts of requests already answered
+            self.interrupted.clear()
+
+    # --- directories -------------------------------------------------------------------------
+    def op_opendir(self, req: Request) -> bytes:
+        inode = self._dir(req.nodeid)
+        fd = os.open(linux_fs.proc_path(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fh = self._new_handle(fd, inode, os.O_RDONLY)
+        with self.lock:
+            self.handles[fh].entries = []
+        return abi.OPEN_OUT.pack(fh, 0, 0)
+
+    def _snapshot(self, h: Handle) -> list[tuple[bytes, int, int]]:
+        st = os.fstat(h.fd)
+        entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, stat.S_IFDIR >> 12)]
+        if h.inode.nodeid == self.inodes.root.nodeid:
+            entries.append((b"..", st.st_ino, stat.S_IFDIR >> 12))
+        else:
+            try:
+                pst = os.stat(b"..", dir_fd=h.fd)
+                entries.append((b"..", pst.st_ino, stat.S_IFDIR >> 12))
+            except OSError:
+                entries.append((b"..", 0, stat.S_IFDIR >> 12))
+        dup = os.dup(h.fd)
+        os.lseek(dup, 0, os.SEEK_SET)
+        with os.scandir(dup) as it:
+            for e in it:
+                name = os.fsencode(e.name)
+                if e.is_symlink():
+                    dt = stat.S_IFLNK >> 12
+                elif e.is_dir(follow_symlinks=False):
+                    dt = stat.S_IFDIR >> 12
+                elif e.is_file(follow_symlinks=False):
+                    dt = stat.S_IFREG >> 12
+                else:
+                    try:
+                        dt = dirent_type(e.stat(follow_symlinks=False).st_mode)
+                    except OSError:
+                        dt = 0
+                entries.append((name, e.inode(), dt))
+        return entries
+
+    def _readdir(self, req: Request, plus: bool) -> bytes:
+        a = req.arg
+        h = self._handle(a.fh, req.nodeid)
+        if h.entries is None:
+            raise FuseError(errno.EBADF)
+        if a.offset == 0 or not h.entries:
+            h.entries = self._snapshot(h)
+        buf = DirentBuffer(min(a.size, MAX_WRITE), plus=plus)
+        parent = h.inode
+        for index in range(a.offset, len(h.entries)):
+            name, ino, dt = h.entries[index]
+            if not buf.fits(name):
+                break
+            entry = None
+            if plus and name not in (b".", b".."):
+                try:
+                    entry = self._entry(self._lookup_fd(parent, name))
+                except OSError:
+                    entry = None  # gone since the snapshot: the kernel just skips it
+            buf.add(ino, index + 1, dt, name, entry)
+        return buf.payload()
+
+    def op_readdir(self, req: Request) -> bytes:
+        return self._readdir(req, plus=False)
+
+    def op_readdirplus(self, req: Request) -> bytes:
+        return self._readdir(req, plus=True)
+
+    def op_releasedir(self, req: Request) -> bytes:
+        self._release(req.arg.fh)
+        return b""
+
+    def op_fsyncdir(self, req: Request) -> bytes:
+        h = self._handle(req.arg.fh, req.nodeid)
+        os.fsync(h.fd)
+        return b""
+
+    # --- extended attributes -----------------------------------------------------------------
+    def _xattr_target(self, req: Request) -> tuple[Inode, str]:
+        inode = self._inode(req.nodeid)
+        return inode, linux_fs.proc_path(inode.fd)
+
+    def op_getxattr(self, req: Request) -> bytes:
+        inode, path = self._xattr_target(req)
+        if inode.is_symlink:
+            raise FuseError(errno.ENODATA)
+        value = os.getxattr(path, req.name)
+        return self._sized(value, req.arg.size)
+
+    def op_listxattr(self, req: Request) -> bytes:
+        inode, path = self._xattr_target(req)
+        names = [] if inode.is_symlink else os.listxattr(path)
+        value = b"".join(os.fsencode(n) + b"\0" for n in names)
+        return self._sized(value, req.arg.size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        if size == 0:
+            return abi.GETXATTR_OUT.pack(len(value))
+        if len(value) > size:
+            raise FuseError(errno.ERANGE)
+        return value
+
+    def op_setxattr(self, req: Request) -> bytes:
+        self._writable()
+        inode, path = self._xattr_target(req)
+        if inode.is_symlink:
+            raise FuseError(errno.EPERM)
+        os.setxattr(path, req.name, req.data, req.arg.flags)
+        return b""
+
+    def op_removexattr(self, req: Request) -> bytes:
+        self._writable()
+        inode, path = self._xattr_target(req)
+        if inode.is_symlink:
+            raise FuseError(errno.ENODATA)
+        os.removexattr(path, req.name)
+        return b""
+
+    def op_access(self, req: Request) -> bytes:
+        inode = self._inode(req.nodeid)
+        mask = req.arg.mask
+        if mask & os.W_OK and self.options.read_only:
+            raise FuseError(errno.EROFS)
+        if inode.is_symlink or mask == os.F_OK:
+            return b""
+        if not os.access(linux_fs.proc_path(inode.fd), mask):
+            raise FuseError(errno.EACCES)
+        return b""
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        with self.lock:
+            handles = list(self.handles.values())
+            self.handles.clear()
+        for h in handles:
+            try:
+                os.close(h.fd)
+            except OSError:
+                pass
+        self.inodes.close_all()
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            nh = len(self.handles)
+        return {"inodes": len(self.inodes), "handles": nh}

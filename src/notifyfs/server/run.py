@@ -1,0 +1,64 @@
+"""``notifyfs serve``: export a directory on a listening address."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from .. import wire
+from .connection import Server
+from .passthrough import Options, Passthrough
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """A one-line reason why the export cannot be served."""
+
+
+def check_export(export: str) -> str:
+    if not os.path.isdir(export):
+        raise ServeError(f"export {export} is not a directory" if os.path.exists(export)
+                         else f"export {export} does not exist")
+    return os.path.realpath(export)
+
+
+def make_server(export: str, options: Options, token: bytes | None, workers: int = 8) -> Server:
+    export = check_export(export)
+    os.umask(0)  # the guest kernel already applied the caller's umask
+    features = wire.SUPPORTED_FEATURES & ~(wire.FEATURE_FSNOTIFY | wire.FEATURE_READONLY)
+    if options.read_only:
+        features |= wire.FEATURE_READONLY
+    if not options.writeback:
+        features &= ~wire.FEATURE_WRITEBACK
+    return Server(lambda: Passthrough(export, options), token=token, features=features,
+                  workers=workers)
+
+
+def serve(export: str, listen: str, options: Options, token: bytes | None, workers: int = 8) -> int:
+    server = make_server(export, options, token, workers)
+    addr = wire.parse_address(listen)
+    try:
+        listener = wire.listen(addr, token)
+    except (OSError, ValueError) as e:
+        raise ServeError(f"cannot listen on {listen}: {e}") from None
+    log.info("serving %s on %s", export, addr)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    threading.Thread(target=server.serve_forever, args=(listener,), daemon=True,
+                     name="accept").start()
+    stop.wait()
+    listener.close()
+    if addr.kind == "unix":
+        try:
+            os.unlink(addr.path)
+        except OSError:
+            pass
+    return 0

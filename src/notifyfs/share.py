@@ -1,0 +1,27 @@
+"""``notifyfs share SRC MOUNTPOINT``: the server and the agent in one process, over a socketpair.
+
+The only module that imports both halves.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from .agent.relay import MountOptions, check_mountpoint
+from .agent.run import relay_over, run_relay
+from .server.passthrough import Options
+from .server.run import make_server
+
+
+def share(src: str, mountpoint: str, server_options: Options, mount_options: MountOptions,
+          workers: int = 8) -> int:
+    mountpoint = check_mountpoint(mountpoint)
+    server = make_server(src, server_options, token=None, workers=workers)
+    if server_options.read_only:
+        mount_options.read_only = True
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    threading.Thread(target=server.serve_socket, args=(theirs, "share"), daemon=True,
+                     name="server").start()
+    relay = relay_over(ours, mountpoint, mount_options, token=None)
+    return run_relay(relay)
