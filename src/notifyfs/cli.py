@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     _server_args(p)
     _mount_args(p)
+
+    sub.add_parser("demo", help="share a temporary directory and show it working")
     return parser
 
 
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from .server.run import ServeError
 
     try:
+        if args.command == "demo":
+            from .demo import demo
+            return demo()
         if args.command == "mount":
             from .agent.run import mount
             return mount(args.address, args.mountpoint, MountOptions.parse(args.options),

@@ -48,7 +48,7 @@ class MountError(Exception):
 class MountOptions:
     """``-o`` options in the usual FUSE style."""
 
-    allow_other: bool = True
+    allow_other: bool | None = None  # None: yes when root (a shared folder is for every user)
     read_only: bool = False
     nosuid: bool = True
     nodev: bool = True
@@ -173,7 +173,7 @@ class Relay:
         if os.geteuid() == 0:
             self.devfd = open_fuse_device()
             data = (f"fd={self.devfd},rootmode=40000,user_id=0,group_id=0,default_permissions"
-                    f",max_read={o.max_write}" + (",allow_other" if o.allow_other else ""))
+                    f",max_read={o.max_write}" + ("" if o.allow_other is False else ",allow_other"))
             try:
                 linux_mount.mount(o.fsname, self.mountpoint, "fuse." + o.subtype,
                                   o.mount_flags(), data)

@@ -50,6 +50,10 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
         os._exit(0)  # the parent returns once the mount exists; the child serves it
     if not foreground:
         os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # let the caller's pipes close: it waits for them, not for us
+            os.dup2(null, fd)
+        os.close(null)
     return run_relay(relay)
 
 
