@@ -39,11 +39,12 @@ def demo() -> int:
             time.sleep(0.05)
         steps = [
             ("host writes hello.txt", lambda: _write(os.path.join(src, "hello.txt"), "hi from the host\n")),
-            ("guest reads hello.txt", lambda: print("   ", open(os.path.join(mnt, "hello.txt")).read().strip())),
-            ("guest creates notes/todo.md", lambda: (os.mkdir(os.path.join(mnt, "notes")),
-                                                     _write(os.path.join(mnt, "notes", "todo.md"), "- ship it\n"))),
-            ("host reads notes/todo.md", lambda: print("   ", open(os.path.join(src, "notes", "todo.md")).read().strip())),
-            ("guest renames hello.txt", lambda: os.rename(os.path.join(mnt, "hello.txt"), os.path.join(mnt, "welcome.txt"))),
+            ("guest reads hello.txt", lambda: _print_file(os.path.join(mnt, "hello.txt"))),
+            ("guest creates notes/todo.md", lambda: _mkdir_write(os.path.join(mnt, "notes"), "todo.md",
+                                                                 "- ship it\n")),
+            ("host reads notes/todo.md", lambda: _print_file(os.path.join(src, "notes", "todo.md"))),
+            ("guest renames hello.txt",
+             lambda: os.rename(os.path.join(mnt, "hello.txt"), os.path.join(mnt, "welcome.txt"))),
         ]
         for what, action in steps:
             print(f"- {what}")
@@ -68,3 +69,13 @@ def demo() -> int:
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+def _mkdir_write(directory: str, name: str, text: str) -> None:
+    os.mkdir(directory)
+    _write(os.path.join(directory, name), text)
+
+
+def _print_file(path: str) -> None:
+    with open(path) as f:
+        print("   ", f.read().strip())

@@ -122,14 +122,13 @@ def listen(addr: Address, token: bytes | None) -> socket.socket:
 def connect(addr: Address, timeout: float = 10.0) -> socket.socket:
     if addr.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: object = addr.path
     else:
         sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         return sock
     sock.settimeout(timeout)
-    sock.connect(target)
+    sock.connect(addr.path)
     sock.settimeout(None)
     return sock
 
@@ -171,7 +170,7 @@ def client_handshake(sock: socket.socket, token: bytes | None, features: int) ->
         tok = token or b""
         sock.sendall(_HELLO.pack(MAGIC, VERSION, 0, features, len(tok)) + tok)
         version, status, agreed, msg = _read_hello(sock)
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise HandshakeError("no handshake answer from the server (is it a notifyfs server?)") from e
     finally:
         sock.settimeout(None)
@@ -201,7 +200,7 @@ def server_handshake(sock: socket.socket, token: bytes | None, features: int) ->
         agreed = theirs & features
         answer(STATUS_OK, agreed, "")
         return agreed
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise HandshakeError("no handshake from the peer within the timeout") from e
     finally:
         sock.settimeout(None)

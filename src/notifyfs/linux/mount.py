@@ -47,7 +47,7 @@ def fusermount(target: str, options: str) -> int:
                                 pass_fds=[theirs.fileno()], stderr=subprocess.PIPE)
         theirs.close()
         fds = array.array("i")
-        msg, anc, _flags, _addr = ours.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+        _msg, anc, _flags, _addr = ours.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
         err = proc.communicate(timeout=30)[1].decode(errors="replace").strip()
         for level, typ, data in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
@@ -60,15 +60,3 @@ def fusermount(target: str, options: str) -> int:
         if theirs.fileno() >= 0:
             theirs.close()
 
-
-def find_mount(target: str) -> str | None:
-    """The fstype of the mount at ``target`` (from /proc/self/mountinfo), or None."""
-    target = os.path.realpath(target)
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].decode().encode().decode("unicode_escape") if b"\\" in fields[4] else fields[4].decode()
-            if mnt == target:
-                sep = fields.index(b"-")
-                return fields[sep + 1].decode()
-    return None

@@ -13,7 +13,7 @@ import logging
 import queue
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .. import abi, wire
 from ..protocol import ProtocolError, Request, decode_request, reply, reply_error

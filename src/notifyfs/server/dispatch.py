@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from ..protocol import Request
 

@@ -118,9 +118,10 @@ class InodeTable:
         with self.lock:
             known = self.by_key.get(key)
             hit = known is not None and not known.dead
-            if hit:
+            if hit and known is not None:
                 known.nlookup += 1
         if hit:
+            assert known is not None
             os.close(fd)
             return known
         gen = _generation(fd)
