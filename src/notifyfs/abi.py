@@ -54,15 +54,15 @@ class Layout:
         values = self.struct.unpack_from(buf, offset)
         if all(self._keep):
             return self.tuple._make(values)
-        return self.tuple._make(v for v, k in zip(values, self._keep) if k)
+        return self.tuple._make(v for v, k in zip(values, self._keep, strict=True) if k)
 
     def pack(self, *values: Any, **kw: Any) -> bytes:
         """Pack by position or keyword; fields starting with ``_`` (padding) are zero-filled."""
         names = [f for f in self.fields if not f.startswith("_")]
-        vals = dict(zip(names, values))
+        vals = dict(zip(names, values, strict=False))
         vals.update(kw)
         out = []
-        for f, fmt in zip(self.fields, self.formats):
+        for f, fmt in zip(self.fields, self.formats, strict=True):
             if f.startswith("_"):
                 out.append(bytes(struct.calcsize("=" + fmt)) if fmt.endswith("s") else 0)
             else:

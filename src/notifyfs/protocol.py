@@ -12,7 +12,8 @@ import os
 import stat as _stat
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from . import abi
 from .abi import Opcode
@@ -176,7 +177,7 @@ def decode_request(frame: bytes, session: Session | None = None) -> Request:
             raise ProtocolError("extension longer than the request", unique)
         body, ext = body[:-extlen], body[-extlen:]
     layout = session.layout_for(h.opcode)
-    arg = None
+    arg: Any = None
     pos = 0
     if layout is not None:
         size = layout.size
