@@ -231,9 +231,7 @@ def test_share_bad_arguments(tmp_path: Path, case: str) -> None:
     try:
         r = _run("share", str(src), str(mnt), *extra)
     finally:
-        os.chmod("/dev/fuse", dev_mode)
         force_unmount(mnt)
-        shutil.rmtree(base, ignore_errors=True)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("notifyfs: error:"), r.stderr

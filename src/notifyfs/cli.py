@@ -40,6 +40,15 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--writeback", action="store_true",
                    help="allow the guest kernel's writeback cache (faster small writes)")
     p.add_argument("--workers", type=int, default=8, help="worker threads per connection")
+    p.add_argument("--watcher", choices=["auto", "inotify"], default="auto",
+                   help="how the server watches the host for remote events (auto: inotify)")
+    p.add_argument("--no-events", action="store_true",
+                   help="do not watch the host: agents get no remote events")
+
+
+def _events_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", choices=["both", "local"], default=None,
+                   help="both (default): local and remote events; local: only the guest's own")
 
 
 def _mount_args(p: argparse.ArgumentParser) -> None:
@@ -67,15 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--token-file", metavar="PATH", help="shared secret (else $NOTIFYFS_TOKEN)")
     _mount_args(p)
+    _events_arg(p)
 
     p = sub.add_parser("share", help="serve and mount on one machine (foreground)")
     p.add_argument("src")
     p.add_argument("mountpoint")
     _server_args(p)
     _mount_args(p)
+    _events_arg(p)
 
     sub.add_parser("demo", help="share a temporary directory and show it working")
     return parser
+
+
+def _mopts(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .agent.relay import MountOptions
+
+    opts = MountOptions.parse(args.options)
+    if args.events:
+        opts.events = args.events
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,17 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             return demo()
         if args.command == "mount":
             from .agent.run import mount
-            return mount(args.address, args.mountpoint, MountOptions.parse(args.options),
+            return mount(args.address, args.mountpoint, _mopts(args),
                          _token(args.token_file), args.foreground)
         sopts = Options(read_only=args.read_only, squash=args.squash,
                         entry_timeout=args.entry_timeout, attr_timeout=args.attr_timeout,
-                        writeback=args.writeback)
+                        writeback=args.writeback, events=not args.no_events)
         if args.command == "serve":
             from .server.run import serve
             return serve(args.export, args.listen, sopts, _token(args.token_file), args.workers)
         from .share import share
-        return share(args.src, args.mountpoint, sopts, MountOptions.parse(args.options),
-                     args.workers)
+        return share(args.src, args.mountpoint, sopts, _mopts(args), args.workers)
     except (MountError, ServeError, ValueError, wire.HandshakeError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"notifyfs: error: {msg}", file=sys.stderr)

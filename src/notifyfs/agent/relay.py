@@ -28,14 +28,18 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from .. import abi, wire
+from .. import abi, events, wire
 from ..linux import mount as linux_mount
-from ..protocol import MAX_WRITE, ProtocolError, reply_error
+from ..protocol import MAX_WRITE, ProtocolError, Request, decode_request, encode_request, reply_error
+from .injector import Injector, is_local
 
 log = logging.getLogger(__name__)
 
 READ_BUFFER = MAX_WRITE + 64 * 1024
 _NO_REPLY = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT)
+_FH_OPS = (abi.Opcode.RELEASE, abi.Opcode.RELEASEDIR, abi.Opcode.FLUSH)
+#: uniques of requests the agent itself sends to the server (the kernel's stay far below)
+AGENT_UNIQUE = 1 << 63
 _INIT_FLAGS_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags"]
 _INIT_FLAGS2_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags2"]
 
@@ -61,6 +65,7 @@ class MountOptions:
     async_read: bool = True
     parallel_dirops: bool = True
     max_write: int = MAX_WRITE
+    events: str = "both"  # both: local and remote events; local: local events only
     extra: list[str] = field(default_factory=list)
 
     @classmethod
@@ -88,6 +93,8 @@ class MountOptions:
                 setattr(o, key, value)
             elif key == "readdirplus" and value in ("yes", "no", "auto"):
                 o.readdirplus = value
+            elif key == "events" and value in ("both", "local"):
+                o.events = value
             elif key == "max_write" and value.isdigit() and 4096 <= int(value) <= MAX_WRITE:
                 o.max_write = int(value)
             elif key in ("default_permissions", "rootmode", "user_id", "group_id", "fd"):
@@ -160,15 +167,26 @@ class Relay:
         self.inflight: set[int] = set()
         self.server_dead = False
         self.notifications: queue.Queue[bytes | None] = queue.Queue()
+        self.injector: Injector | None = None
+        self._next_unique = AGENT_UNIQUE
         self.done = threading.Event()
         self.exit_code = 0
         self.exit_message = ""
         self._stopping = False
+        self._fatal: tuple[int, str] | None = None
 
     # --- mounting ----------------------------------------------------------------------------
+    @property
+    def remote_events(self) -> bool:
+        # the injector opens inodes by handle and sets times and owners on any file: root only
+        return (bool(self.features & wire.FEATURE_FSNOTIFY) and self.options.events == "both"
+                and os.geteuid() == 0)
+
     def mount(self) -> None:
         o = self.options
-        if self.features & wire.FEATURE_READONLY:
+        if self.features & wire.FEATURE_READONLY and not self.remote_events:
+            # with remote events the VFS mount stays writable so that the injector's calls work;
+            # the server refuses every change from the guest with EROFS all the same
             o.read_only = True
         if os.geteuid() == 0:
             self.devfd = open_fuse_device()
@@ -199,8 +217,11 @@ class Relay:
         if self.used_fusermount:
             import subprocess
             prog = "fusermount3"
-            subprocess.run([prog, "-u"] + (["-z"] if lazy else []) + [self.mountpoint],
-                           stderr=subprocess.DEVNULL, check=False)
+            r = subprocess.run([prog, "-u"] + (["-z"] if lazy else []) + [self.mountpoint],
+                               stderr=subprocess.DEVNULL, check=False)
+            if r.returncode != 0 and not lazy:
+                subprocess.run([prog, "-u", "-z", self.mountpoint], stderr=subprocess.DEVNULL,
+                               check=False)
             return
         try:
             linux_mount.umount(self.mountpoint, linux_mount.MNT_DETACH if lazy else 0)
@@ -212,10 +233,76 @@ class Relay:
 
     # --- running -----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.remote_events:
+            self.injector = Injector(self.mountpoint, self._write_dev, self.send_forget,
+                                     self.publish_masks)
         for target, name in ((self._kernel_reader, "kernel-reader"),
                              (self._server_reader, "server-reader"),
                              (self._notifier, "notifier")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if self.injector is not None:
+            self.injector.start()
+
+    # --- requests of the agent's own ---------------------------------------------------------
+    def _unique(self) -> int:
+        with self.lock:
+            self._next_unique += 1
+            return self._next_unique
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            self.writer.write(frame)
+        except OSError:
+            pass
+
+    def send_forget(self, nodeid: int, nlookup: int) -> None:
+        """Give back an entry the server counted for an event the kernel did not take."""
+        req = Request(abi.Opcode.FORGET, self._unique(), nodeid, arg=abi.FORGET_IN.tuple(nlookup))
+        self._send(encode_request(req))
+
+    def publish_masks(self, old: dict[int, int], new: dict[int, int]) -> None:
+        """Tell the server what the guest watches (NOTIFYFS_FSNOTIFY), as changes."""
+        for nodeid, mask in new.items():
+            if old.get(nodeid) != mask:
+                self._send(events.fsnotify_request(self._unique(), nodeid, mask, events.FSNOTIFY_SET))
+        for nodeid in old.keys() - new.keys():
+            self._send(events.fsnotify_request(self._unique(), nodeid, 0, events.FSNOTIFY_REMOVE))
+
+    def _injector_request(self, data: bytes, opcode: int, unique: int) -> bytes | None:
+        """Let the injector answer its own requests; returns the (possibly rewritten) frame to
+        forward, or None if it was answered or swallowed here."""
+        inj = self.injector
+        assert inj is not None
+        if opcode == abi.Opcode.FORGET:
+            (nodeid,) = struct.unpack_from("=Q", data, 16)
+            return None if is_local(nodeid) else data
+        if opcode == abi.Opcode.BATCH_FORGET:
+            try:
+                req = decode_request(data)
+            except ProtocolError:
+                return data
+            keep = tuple(f for f in req.forgets if not is_local(f[0]))
+            if len(keep) == len(req.forgets):
+                return data
+            if not keep:
+                return None
+            req.forgets = keep
+            req.arg = abi.BATCH_FORGET_IN.tuple(len(keep))
+            return encode_request(req)
+        (nodeid, _uid, _gid, pid) = struct.unpack_from("=QIII", data, 16)
+        if pid != inj.tid and opcode not in _FH_OPS and not is_local(nodeid):
+            return data
+        try:
+            req = decode_request(data)
+        except ProtocolError:
+            return data
+        if not inj.owns(req):
+            return data
+        answer = inj.answer(req)
+        if answer is None:
+            return data
+        self._write_dev(answer)
+        return None
 
     def wait(self) -> int:
         self.done.wait()
@@ -224,6 +311,8 @@ class Relay:
     def finish(self, code: int, message: str = "") -> None:
         if self.done.is_set():
             return
+        if self._fatal is not None:  # the server died: that decides, whoever notices the end
+            code, message = self._fatal
         self.exit_code = code
         self.exit_message = message
         self.done.set()
@@ -272,6 +361,11 @@ class Relay:
                     (flags2,) = struct.unpack_from("=I", buf, _INIT_FLAGS2_OFFSET)
                     struct.pack_into("=I", buf, _INIT_FLAGS2_OFFSET, flags2 & ~(mask >> 32))
                 data = bytes(buf)
+            if self.injector is not None:
+                fwd = self._injector_request(data, opcode, unique)
+                if fwd is None:
+                    continue
+                data = fwd
             needs_reply = opcode not in _NO_REPLY
             with self.lock:
                 dead = self.server_dead
@@ -299,8 +393,13 @@ class Relay:
                 break
             (unique,) = struct.unpack_from("=Q", frame, 8)
             if unique == 0:
-                self.notifications.put(frame)
+                if self.injector is not None:
+                    self.injector.submit(frame)
+                else:
+                    self.notifications.put(frame)
                 continue
+            if unique & AGENT_UNIQUE:
+                continue  # the answer to one of the agent's own requests
             with self.lock:
                 self.inflight.discard(unique)
             self._write_dev(frame)
@@ -313,6 +412,7 @@ class Relay:
             self.inflight.clear()
         if self.done.is_set() or self._stopping:
             return
+        self._fatal = (1, f"notifyfs: lost the server: {reason}")
         log.error("%s: failing %d request(s) in flight and unmounting", reason, len(pending))
         for unique in pending:
             self._write_dev(reply_error(unique, errno.EIO))

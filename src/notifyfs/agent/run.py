@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 AGENT_FEATURES = wire.SUPPORTED_FEATURES
 
 
+def agent_features(options: MountOptions) -> int:
+    if options.events == "local" or os.geteuid() != 0:
+        if options.events == "both" and os.geteuid() != 0:
+            log.warning("remote events need a root agent; this mount gets local events only")
+        return AGENT_FEATURES & ~wire.FEATURE_FSNOTIFY
+    return AGENT_FEATURES
+
+
 def run_relay(relay: Relay) -> int:
     """Start the relay's threads and block until it ends; SIGINT/SIGTERM unmount."""
 
@@ -41,7 +49,7 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
         raise MountError(f"cannot connect to {address}: {e.strerror or e}") from None
     wire.tune(sock)
     try:
-        features = wire.client_handshake(sock, token, AGENT_FEATURES)
+        features = wire.client_handshake(sock, token, agent_features(options))
     except wire.HandshakeError as e:
         raise MountError(f"{address}: {e}") from None
     relay = Relay(sock, mountpoint, options, features)
@@ -60,7 +68,7 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
 def relay_over(sock: socket.socket, mountpoint: str, options: MountOptions,
                token: bytes | None) -> Relay:
     """Handshake on an already connected socket and mount (used by ``share``)."""
-    features = wire.client_handshake(sock, token, AGENT_FEATURES)
+    features = wire.client_handshake(sock, token, agent_features(options))
     relay = Relay(sock, mountpoint, options, features)
     relay.mount()
     return relay

@@ -116,3 +116,23 @@ def link_empty(fd: int, newdirfd: int, name: str | bytes) -> None:
 def proc_path(fd: int) -> str:
     """A path that reopens exactly the inode behind ``fd`` (an O_PATH fd), wherever it lives."""
     return f"/proc/self/fd/{fd}"
+
+
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+
+FUSE_HANDLE_TYPE = 0x81  # fuse_encode_fh: u32 nodeid >> 32, u32 nodeid & 0xffffffff, u32 generation
+
+
+def open_fuse_inode(mount_fd: int, nodeid: int, generation: int, flags: int = os.O_PATH) -> int:
+    """Open the guest's cached FUSE inode ``nodeid`` by its file handle (needs
+    CAP_DAC_READ_SEARCH); ESTALE when the guest kernel does not have the inode any more."""
+    body = struct.pack("=III", nodeid >> 32, nodeid & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    buf = ctypes.create_string_buffer(struct.pack("=Ii", len(body), FUSE_HANDLE_TYPE) + body)
+    return _check(_libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC), "open_by_handle_at")
+
+
+def parse_fuse_handle(hexbytes: str) -> tuple[int, int]:
+    """(nodeid, generation) from the f_handle hex that /proc/PID/fdinfo shows for a FUSE inode."""
+    raw = bytes.fromhex(hexbytes)
+    hi, lo, gen = struct.unpack("=III", raw[:12])
+    return (hi << 32) | lo, gen

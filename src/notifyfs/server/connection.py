@@ -22,11 +22,12 @@ from .dispatch import Filesystem, FuseError
 log = logging.getLogger(__name__)
 
 _INLINE = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET)
+_NO_REPLY = (*_INLINE, abi.Opcode.INTERRUPT)  # never answered, even when malformed
 
 
 class Connection:
     def __init__(self, sock: socket.socket, fs: Filesystem, workers: int = 8,
-                 max_pending: int = 256, peer: str = "agent") -> None:
+                 max_pending: int = 256, peer: str = "agent", features: int = 0) -> None:
         self.sock = sock
         self.fs = fs
         self.peer = peer
@@ -34,7 +35,7 @@ class Connection:
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_pending)
         self.nworkers = workers
         self.destroyed = False
-        fs.attach(self.send)
+        fs.attach(self.send, bool(features & wire.FEATURE_FSNOTIFY))
 
     def send(self, frame: bytes) -> None:
         try:
@@ -51,6 +52,9 @@ class Connection:
         try:
             self._read()
         finally:
+            shutdown: Callable[[], None] | None = getattr(self.fs, "shutdown", None)
+            if shutdown is not None:
+                shutdown()  # a request still waiting (SETLKW) ends now, not after the joins
             for _ in threads:
                 self.queue.put(None)
             for t in threads:
@@ -80,10 +84,19 @@ class Connection:
                     log.error("%s: %s; closing the connection", self.peer, e)
                     return
                 log.warning("%s: bad request %d: %s", self.peer, e.unique, e)
-                self.send(reply_error(e.unique, e.errno))
+                if e.unique and abi.IN_HEADER.unpack_from(frame).opcode not in _NO_REPLY:
+                    self.send(reply_error(e.unique, e.errno))
                 continue
             if req.opcode in _INLINE:
                 self._call(req)
+            elif (req.opcode == abi.Opcode.RELEASE and not self.destroyed
+                  and req.arg.release_flags & abi.RELEASE_FLOCK_UNLOCK):
+                # The kernel sends RELEASE in the background after close(2) has returned. Answer
+                # it here, in arrival order, so the flock it drops is gone before any later
+                # request runs (another process's LOCK_NB must not see a closed file's lock).
+                out = self._call(req)
+                if out is not None:
+                    self.send(out)
             elif req.opcode == abi.Opcode.INTERRUPT:
                 interrupt: Callable[[int], None] | None = getattr(self.fs, "interrupt", None)
                 if interrupt is not None:
@@ -111,6 +124,8 @@ class Connection:
             return reply_error(req.unique, e.errno)
         except OSError as e:
             return reply_error(req.unique, e.errno or errno.EIO)
+        except OverflowError:  # an offset or size no kernel sends (>= 2**63)
+            return reply_error(req.unique, errno.EINVAL)
         except Exception:
             log.exception("%s: %s failed", self.peer, req.opname)
             return reply_error(req.unique, errno.EIO)
@@ -135,13 +150,13 @@ class Server:
         """Handshake and serve one connected socket (blocks until it closes)."""
         wire.tune(sock)
         try:
-            wire.server_handshake(sock, self.token, self.features)
+            agreed = wire.server_handshake(sock, self.token, self.features)
         except (wire.HandshakeError, OSError) as e:
             log.warning("%s: handshake failed: %s", peer, e)
             sock.close()
             return
         log.info("%s: connected", peer)
-        conn = Connection(sock, self.make_fs(), workers=self.workers, peer=peer)
+        conn = Connection(sock, self.make_fs(), workers=self.workers, peer=peer, features=agreed)
         with self.lock:
             self.connections.add(conn)
         try:

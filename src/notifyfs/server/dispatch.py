@@ -34,8 +34,9 @@ Notify = Callable[[bytes], None]
 class Filesystem:
     """Base class: answers ENOSYS for every operation a subclass does not define."""
 
-    def attach(self, notify: Notify) -> None:
-        """Called once per connection with a function that sends a notification to the agent."""
+    def attach(self, notify: Notify, remote_events: bool) -> None:
+        """Called once per connection with a function that sends a notification to the agent;
+        ``remote_events`` says whether the agent asked for remote events."""
 
     def close(self) -> None:
         """The connection is gone: release every resource held for it."""

@@ -21,7 +21,8 @@ import os
 import stat
 import threading
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..linux import fs as linux_fs
 from .dispatch import FuseError
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 ROOT_ID = 1
 _RESERVED_INDEX = 0xFF
+#: device indexes stop here; nodeids with a top byte of 0xF0..0xFE belong to the agent (local nodes)
+_MAX_INDEX = 0xF0
 _INO_BITS = 56
 
 
@@ -43,6 +46,7 @@ class Inode:
     nlookup: int = 0
     refs: int = 0
     dead: bool = False
+    names: set[tuple[int, bytes]] = field(default_factory=set)  # (parent nodeid, name) seen
 
     @property
     def is_dir(self) -> bool:
@@ -73,6 +77,11 @@ class InodeTable:
         self.root = root
         self.by_id: dict[int, Inode] = {ROOT_ID: root}
         self.by_key: dict[tuple[int, int], Inode] = {root.key: root}
+        #: the names under which the guest knows each inode: (parent nodeid, name) -> nodeid.
+        #: Remote events need it: a host DELETE or MOVED_FROM names an inode that is gone.
+        self.names: dict[tuple[int, bytes], int] = {}
+        #: called (outside the lock) with each inode whose last lookup was forgotten
+        self.on_dead: Callable[[Inode], None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -81,7 +90,7 @@ class InodeTable:
         idx = self._devs.get(dev)
         if idx is None:
             idx = len(self._devs)
-            if idx >= _RESERVED_INDEX:
+            if idx >= _MAX_INDEX:
                 idx = _RESERVED_INDEX
             else:
                 self._devs[dev] = idx
@@ -151,14 +160,81 @@ class InodeTable:
                             inode.nlookup)
                 nlookup = inode.nlookup
             inode.nlookup -= nlookup
-            if inode.nlookup == 0:
-                del self.by_id[nodeid]
-                if self.by_key.get(inode.key) is inode:
-                    del self.by_key[inode.key]
-                inode.dead = True
-                close = inode.refs == 0
+            if inode.nlookup > 0:
+                return
+            del self.by_id[nodeid]
+            if self.by_key.get(inode.key) is inode:
+                del self.by_key[inode.key]
+            for key in inode.names:
+                if self.names.get(key) == nodeid:
+                    del self.names[key]
+            inode.names.clear()
+            inode.dead = True
+            close = inode.refs == 0
+        if self.on_dead is not None:
+            self.on_dead(inode)
         if close:
             os.close(inode.fd)
+
+    def add_ref(self, inode: Inode) -> bool:
+        """One more lookup of a live inode (an entry handed out in a remote event)."""
+        with self.lock:
+            if inode.dead:
+                return False
+            inode.nlookup += 1
+            return True
+
+    # --- names ---------------------------------------------------------------------------
+    def remember(self, parent: int, name: bytes, inode: Inode) -> None:
+        with self.lock:
+            if inode.dead:
+                return
+            old = self.names.get((parent, name))
+            if old is not None and old != inode.nodeid and old in self.by_id:
+                self.by_id[old].names.discard((parent, name))
+            self.names[(parent, name)] = inode.nodeid
+            inode.names.add((parent, name))
+
+    def child(self, parent: int, name: bytes, drop: bool = False) -> Inode | None:
+        """The live inode the guest knows as ``name`` in ``parent``, acquired (release it);
+        with ``drop`` the name is forgotten too."""
+        with self.lock:
+            key = (parent, name)
+            nodeid = self.names.pop(key, None) if drop else self.names.get(key)
+            inode = self.by_id.get(nodeid) if nodeid is not None else None
+            if inode is None or inode.dead:
+                return None
+            if drop:
+                inode.names.discard(key)
+            inode.refs += 1
+            return inode
+
+    def drop_name(self, parent: int, name: bytes) -> None:
+        inode = self.child(parent, name, drop=True)
+        if inode is not None:
+            self.release(inode)
+
+    def move_name(self, parent: int, name: bytes, newparent: int, newname: bytes) -> None:
+        inode = self.child(parent, name, drop=True)
+        self.drop_name(newparent, newname)
+        if inode is not None:
+            self.remember(newparent, newname, inode)
+            self.release(inode)
+
+    def exchange_names(self, parent: int, name: bytes, newparent: int, newname: bytes) -> None:
+        a = self.child(parent, name, drop=True)
+        b = self.child(newparent, newname, drop=True)
+        if a is not None:
+            self.remember(newparent, newname, a)
+            self.release(a)
+        if b is not None:
+            self.remember(parent, name, b)
+            self.release(b)
+
+    def names_of(self, nodeid: int) -> list[tuple[int, bytes]]:
+        with self.lock:
+            inode = self.by_id.get(nodeid)
+            return list(inode.names) if inode is not None else []
 
     def lookup_counts(self) -> dict[int, int]:
         with self.lock:

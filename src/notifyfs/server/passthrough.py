@@ -44,8 +44,11 @@ from ..protocol import (
     init_out,
     statfs_out,
 )
-from .dispatch import Filesystem, FuseError
+from ..linux import inotify as ino
+from .dispatch import Filesystem, FuseError, Notify
+from .echo import EchoFilter
 from .inodes import Inode, InodeTable
+from .watch import InotifyWatcher
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,10 @@ LOOKUP_RESOLVE = (linux_fs.RESOLVE_BENEATH | linux_fs.RESOLVE_NO_SYMLINKS
                   | linux_fs.RESOLVE_NO_MAGICLINKS)
 _WRITE_ACCESS = (os.O_WRONLY, os.O_RDWR)
 #: open(2) flags the server never passes on: creation is done by CREATE, O_DIRECT needs aligned
-#: buffers that Python does not give, and the guest's controlling-terminal wish is not ours
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | getattr(os, "O_PATH", 0)
+#: buffers that Python does not give, and the guest's controlling-terminal wish is not ours;
+#: O_NOFOLLOW was applied by the guest kernel and would make reopening /proc/self/fd/N fail (ELOOP)
+_STRIP_OPEN_FLAGS = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
+                     | getattr(os, "O_PATH", 0))
 
 
 @dataclass
@@ -64,6 +69,8 @@ class Options:
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
     writeback: bool = False
+    events: bool = True  # watch the host and send remote events to agents that want them
+    max_watches: int = 1 << 20
 
 
 @dataclass(eq=False)
@@ -74,6 +81,25 @@ class Handle:
     refs: int = 0
     closed: bool = False
     entries: list[tuple[bytes, int, int]] | None = None  # directory snapshot: (name, ino, dtype)
+
+
+_O = abi.Opcode
+#: host events each request causes on the names it takes (echo filter, inotify watcher)
+_NAME_EVENTS = {
+    _O.MKNOD: ino.IN_CREATE | ino.IN_ATTRIB, _O.MKDIR: ino.IN_CREATE | ino.IN_ATTRIB,
+    _O.SYMLINK: ino.IN_CREATE | ino.IN_ATTRIB, _O.LINK: ino.IN_CREATE | ino.IN_ATTRIB,
+    _O.CREATE: ino.IN_CREATE | ino.IN_OPEN | ino.IN_ATTRIB,
+    _O.UNLINK: ino.IN_DELETE, _O.RMDIR: ino.IN_DELETE,
+    _O.RENAME: ino.IN_MOVE, _O.RENAME2: ino.IN_MOVE,
+}
+#: ... and on the inode a request works on (every name the guest knows it by, and itself)
+_INODE_EVENTS = {
+    _O.READ: ino.IN_ACCESS, _O.WRITE: ino.IN_MODIFY, _O.OPEN: ino.IN_OPEN,
+    _O.RELEASE: ino.IN_CLOSE, _O.SETATTR: ino.IN_ATTRIB | ino.IN_MODIFY | ino.IN_ACCESS,
+    _O.SETXATTR: ino.IN_ATTRIB, _O.REMOVEXATTR: ino.IN_ATTRIB, _O.FALLOCATE: ino.IN_MODIFY,
+    _O.COPY_FILE_RANGE: ino.IN_ACCESS | ino.IN_MODIFY, _O.OPENDIR: ino.IN_OPEN,
+    _O.READDIR: ino.IN_ACCESS, _O.READDIRPLUS: ino.IN_ACCESS, _O.RELEASEDIR: ino.IN_CLOSE_NOWRITE,
+}
 
 
 def check_name(name: bytes) -> bytes:
@@ -105,16 +131,32 @@ class Passthrough(Filesystem):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.interrupted: set[int] = set()
+        self.closing = False  # the connection is going away: waiting requests give up (EINTR)
         self.is_root = os.geteuid() == 0
         self._local = threading.local()
+        self.echo = EchoFilter()
+        self.watcher: InotifyWatcher | None = None
+
+    def attach(self, notify: Notify, remote_events: bool) -> None:
+        if not (self.options.events and remote_events):
+            return
+        o = self.options
+        self.watcher = InotifyWatcher(self.inodes, notify, self.echo, self._lookup_fd,
+                                      (o.entry_timeout, o.attr_timeout), o.max_watches)
+        self.inodes.on_dead = self.watcher.forgotten
+        self.watcher.start()
+        log.info("remote events: watching the host with inotify")
 
     # --- bookkeeping -----------------------------------------------------------------------
     def handle(self, req: Request) -> bytes | None:
         uses = _Uses()
         self._local.uses = uses
+        token = self._expect(req) if self.watcher is not None else 0
         try:
             return super().handle(req)
         finally:
+            if token:
+                self.echo.done(token)
             for h in uses.handles:
                 self._put_handle(h)
             for i in uses.inodes:
@@ -173,18 +215,45 @@ class Passthrough(Filesystem):
         if close:
             self._close_handle(h)
 
+    def _expect(self, req: Request) -> int:
+        """Record the host events this request will cause, so they are not echoed back."""
+        op = req.opcode
+        O = abi.Opcode  # noqa: E741
+        kinds = _NAME_EVENTS.get(op)
+        if kinds is not None:
+            keys = [(req.nodeid, req.names[0])]
+            if op in (O.RENAME, O.RENAME2):
+                keys.append((req.arg.newdir, req.names[1]))
+            return self.echo.expect(keys, kinds)
+        kinds = _INODE_EVENTS.get(op)
+        if kinds is None:
+            return 0
+        nodes = [req.nodeid]
+        if op == O.COPY_FILE_RANGE:
+            nodes.append(req.arg.nodeid_out)
+        keys = []
+        for n in nodes:
+            keys.append((n, b""))
+            keys.extend(self.inodes.names_of(n))
+        return self.echo.expect(keys, kinds)
+
     def _writable(self) -> None:
         if self.options.read_only:
             raise FuseError(errno.EROFS)
 
-    def _entry(self, fd: int) -> bytes:
-        """Count a lookup of the inode behind ``fd`` (O_PATH, now owned by the table)."""
+    def _entry(self, fd: int, parent: Inode | None = None, name: bytes = b"") -> bytes:
+        """Count a lookup of the inode behind ``fd`` (O_PATH, now owned by the table), known to
+        the guest as ``name`` in ``parent``. A directory is watched before the reply leaves."""
         try:
             st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
         inode = self.inodes.add_lookup(fd, st)
+        if parent is not None:
+            self.inodes.remember(parent.nodeid, name, inode)
+        if self.watcher is not None and inode.is_dir:
+            self.watcher.watch(inode)
         o = self.options
         return entry_out(inode.nodeid, inode.generation, Attr.from_stat(st), o.entry_timeout,
                          o.attr_timeout)
@@ -221,7 +290,7 @@ class Passthrough(Filesystem):
             self._set_owner(req, parent, name, mode)
         except OSError:
             log.exception("cannot set the owner of a new file")
-        return self._entry(self._lookup_fd(parent, name))
+        return self._entry(self._lookup_fd(parent, name), parent, name)
 
     # --- session -----------------------------------------------------------------------------
     WANTED_FLAGS = (abi.ASYNC_READ | abi.ATOMIC_O_TRUNC | abi.BIG_WRITES | abi.FLOCK_LOCKS
@@ -250,7 +319,8 @@ class Passthrough(Filesystem):
     # --- names -------------------------------------------------------------------------------
     def op_lookup(self, req: Request) -> bytes:
         parent = self._dir(req.nodeid)
-        return self._entry(self._lookup_fd(parent, check_name(req.name)))
+        name = check_name(req.name)
+        return self._entry(self._lookup_fd(parent, name), parent, name)
 
     def op_forget(self, req: Request) -> None:
         self.inodes.forget(req.nodeid, req.arg.nlookup)
@@ -349,12 +419,14 @@ class Passthrough(Filesystem):
         self._writable()
         parent = self._dir(req.nodeid)
         os.unlink(check_name(req.name), dir_fd=parent.fd)
+        self.inodes.drop_name(parent.nodeid, req.name)
         return b""
 
     def op_rmdir(self, req: Request) -> bytes:
         self._writable()
         parent = self._dir(req.nodeid)
         os.rmdir(check_name(req.name), dir_fd=parent.fd)
+        self.inodes.drop_name(parent.nodeid, req.name)
         return b""
 
     def _rename(self, req: Request, newdir: int, flags: int) -> bytes:
@@ -365,6 +437,11 @@ class Passthrough(Filesystem):
         new_parent = self._dir(newdir)
         linux_fs.renameat2(old_parent.fd, check_name(req.names[0]), new_parent.fd,
                            check_name(req.names[1]), flags)
+        if flags & linux_fs.RENAME_EXCHANGE:
+            self.inodes.exchange_names(old_parent.nodeid, req.names[0], new_parent.nodeid,
+                                       req.names[1])
+        else:
+            self.inodes.move_name(old_parent.nodeid, req.names[0], new_parent.nodeid, req.names[1])
         return b""
 
     def op_rename(self, req: Request) -> bytes:
@@ -386,7 +463,7 @@ class Passthrough(Filesystem):
             if inode.is_symlink:
                 raise
             os.link(linux_fs.proc_path(inode.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
-        return self._entry(self._lookup_fd(parent, name))
+        return self._entry(self._lookup_fd(parent, name), parent, name)
 
     # --- files -------------------------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:
@@ -418,11 +495,30 @@ class Passthrough(Filesystem):
         flags = self._open_flags(a.flags) | os.O_CREAT | os.O_NOFOLLOW
         if a.flags & os.O_EXCL:
             flags |= os.O_EXCL
-        fd = os.open(name, flags, a.mode & 0o7777, dir_fd=parent.fd)
+        # Create exclusively; a name that already exists is opened only if it is a regular file
+        # (never a FIFO, which would block this worker, nor a device a hostile agent mknod'ed),
+        # and keeps its owner.
+        for _attempt in range(3):
+            try:
+                fd = os.open(name, flags | os.O_EXCL, a.mode & 0o7777, dir_fd=parent.fd)
+                created = True
+                break
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+            try:
+                fd = self._open_existing(parent, name, flags & ~(os.O_CREAT | os.O_NOFOLLOW))
+                created = False
+                break
+            except FileNotFoundError:
+                continue  # removed since: try to create it again
+        else:
+            raise FuseError(errno.EAGAIN)
         try:
-            self._set_owner(req, parent, name, a.mode)
+            if created:
+                self._set_owner(req, parent, name, a.mode)
             path_fd = os.open(linux_fs.proc_path(fd), os.O_PATH | os.O_CLOEXEC)
-            entry = self._entry(path_fd)
+            entry = self._entry(path_fd, parent, name)
         except BaseException:
             os.close(fd)
             raise
@@ -432,6 +528,18 @@ class Passthrough(Filesystem):
         self._local.uses.inodes.append(inode)
         fh = self._new_handle(fd, inode, flags)
         return entry + abi.OPEN_OUT.pack(fh, 0, 0)
+
+    def _open_existing(self, parent: Inode, name: bytes, flags: int) -> int:
+        """open(2) an existing ``name`` for CREATE without O_EXCL: regular files only."""
+        path_fd = self._lookup_fd(parent, name)
+        try:
+            fmt = stat.S_IFMT(os.fstat(path_fd).st_mode)
+            if fmt != stat.S_IFREG:
+                raise FuseError(errno.EISDIR if fmt == stat.S_IFDIR else
+                                errno.ELOOP if fmt == stat.S_IFLNK else errno.EINVAL)
+            return os.open(linux_fs.proc_path(path_fd), flags)
+        finally:
+            os.close(path_fd)
 
     def op_read(self, req: Request) -> bytes:
         a = req.arg
@@ -514,7 +622,7 @@ class Passthrough(Filesystem):
                 if not wait:
                     raise FuseError(errno.EAGAIN) from None
             # a blocking flock in a worker could not be interrupted: poll, and honour INTERRUPT
-            if req.unique in self.interrupted:
+            if self.closing or req.unique in self.interrupted:
                 self.interrupted.discard(req.unique)
                 raise FuseError(errno.EINTR)
             time.sleep(delay)
@@ -530,6 +638,10 @@ class Passthrough(Filesystem):
         self.interrupted.add(unique)
         if len(self.interrupted) > 4096:  # interrupts of requests already answered
             self.interrupted.clear()
+
+    def shutdown(self) -> None:
+        """The connection is closing: end every wait now, before the handles are closed."""
+        self.closing = True
 
     # --- directories -------------------------------------------------------------------------
     def op_opendir(self, req: Request) -> bytes:
@@ -586,7 +698,7 @@ class Passthrough(Filesystem):
             entry = None
             if plus and name not in (b".", b".."):
                 try:
-                    entry = self._entry(self._lookup_fd(parent, name))
+                    entry = self._entry(self._lookup_fd(parent, name), parent, name)
                 except OSError:
                     entry = None  # gone since the snapshot: the kernel just skips it
             buf.add(ino, index + 1, dt, name, entry)
@@ -660,8 +772,19 @@ class Passthrough(Filesystem):
             raise FuseError(errno.EACCES)
         return b""
 
+    # --- remote events -------------------------------------------------------------------------
+    def op_notifyfs_fsnotify(self, req: Request) -> bytes:
+        """The guest's aggregated watch mask for one inode (the proposal's FUSE_FSNOTIFY)."""
+        self._inode(req.nodeid)
+        if self.watcher is None:
+            raise FuseError(errno.ENOSYS)
+        self.watcher.set_mask(req.nodeid, req.arg.mask if req.arg.action else 0)
+        return b""
+
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
         with self.lock:
             handles = list(self.handles.values())
             self.handles.clear()

@@ -28,7 +28,9 @@ def check_export(export: str) -> str:
 def make_server(export: str, options: Options, token: bytes | None, workers: int = 8) -> Server:
     export = check_export(export)
     os.umask(0)  # the guest kernel already applied the caller's umask
-    features = wire.SUPPORTED_FEATURES & ~(wire.FEATURE_FSNOTIFY | wire.FEATURE_READONLY)
+    features = wire.SUPPORTED_FEATURES & ~wire.FEATURE_READONLY
+    if not options.events:
+        features &= ~wire.FEATURE_FSNOTIFY
     if options.read_only:
         features |= wire.FEATURE_READONLY
     if not options.writeback:

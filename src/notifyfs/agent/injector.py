@@ -1,0 +1,606 @@
+"""The injector: turns each remote event into the ordinary VFS call that makes the guest kernel
+generate exactly that event, so every unmodified watcher (inotify, fanotify, dnotify) sees it.
+
+One injector thread per mount. For each event it first invalidates the names involved
+(FUSE_NOTIFY_INVAL_ENTRY, written from this thread, never from the /dev/fuse reader), then makes the
+call on the mount: ``mknodat``/``mkdirat``/``symlinkat`` for CREATE, ``unlinkat`` for DELETE,
+``renameat`` for a move (through a hidden directory for moves into or out of the export),
+``utimensat`` with mtime only / atime only / both for MODIFY / ACCESS / ATTRIB, and a real
+``open``/``close`` for OPEN and CLOSE_*. The FUSE requests those calls produce carry this thread's
+id in ``fuse_in_header.pid``; the relay hands them to :meth:`Injector.answer`, which answers from
+the event itself (the *script*) and never forwards a change to the host. Read-only requests that
+are not scripted (a LOOKUP of a name the event does not cover, GETATTR) go to the server.
+
+Directories are addressed by FUSE file handle (type 0x81: nodeid, generation) with
+``open_by_handle_at``: a watched inode is pinned in the guest's inode cache by its mark.
+
+Entries the server counted in nlookup and the kernel did not take are FORGOTten, so nlookup stays
+exact. Nodes that exist only here (tombstones of inodes the guest never knew, the hidden directory)
+have nodeids with top byte 0xFE; they answer the injector only (ESTALE for everyone else).
+
+Lock order: ``Injector.lock`` is a leaf lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import queue
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .. import abi
+from ..events import Entry, RemoteEvent, decode_event
+from ..linux import fs as linux_fs
+from ..linux import inotify as ino
+from ..protocol import Attr, ProtocolError, Request, attr_out, inval_entry, inval_inode, reply, reply_error
+from . import watchset
+
+log = logging.getLogger(__name__)
+
+LOCAL_BASE = 0xFE << 56
+_LOCAL_TOP = 0xFE
+LOOKAHEAD_SECONDS = 0.02
+RESCAN_PERIOD = 1.0
+
+
+def is_local(nodeid: int) -> bool:
+    return nodeid >> 56 == _LOCAL_TOP
+
+
+@dataclass
+class _Held:
+    fd: int
+    writable: bool
+
+
+class Injector:
+    def __init__(self, mountpoint: str, write_dev: Callable[[bytes], None],
+                 forget: Callable[[int, int], None],
+                 publish_masks: Callable[[dict[int, int], dict[int, int]], None] | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.write_dev = write_dev
+        self.forget = forget
+        self.publish_masks = publish_masks
+        self.queue: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+        self.pending: collections.deque[tuple[float, RemoteEvent]] = collections.deque()
+        self.tid = -1
+        self.lock = threading.Lock()
+        self.script: dict[tuple[int, int, bytes], bytes | int] = {}
+        self.consumed: set[int] = set()  # nodeids of counted entries the kernel took
+        self.fake_fhs: set[int] = set()
+        self._next_fh = 1 << 62
+        self.local: dict[int, Attr] = {}
+        self._next_local = LOCAL_BASE + 2
+        self.hidden_name = b".notifyfs-inject-" + secrets.token_hex(8).encode()
+        self.hidden_nodeid = LOCAL_BASE + 1
+        self.local[self.hidden_nodeid] = _local_attr(self.hidden_nodeid, stat.S_IFDIR | 0o700)
+        self.held: dict[tuple[int, bytes], list[_Held]] = {}
+        self.ws = watchset.WatchSet()
+        self.sdev = -1
+        self.mnt_id = -1
+        self.root_fd = -1  # an fd on the mount, open only while an event is handled
+        self.stats = collections.Counter[str]()
+        self.thread: threading.Thread | None = None
+
+    # --- called by the relay --------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="injector", daemon=True)
+        self.thread.start()
+
+    def submit(self, frame: bytes) -> None:
+        self.queue.put((time.monotonic(), frame))
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def owns(self, req: Request) -> bool:
+        """Is this request the injector's to answer (or refuse)?"""
+        if req.pid == self.tid and self.tid > 0:
+            return True
+        if req.opcode in (abi.Opcode.RELEASE, abi.Opcode.RELEASEDIR, abi.Opcode.FLUSH):
+            return req.arg.fh in self.fake_fhs
+        return is_local(req.nodeid)
+
+    def answer(self, req: Request) -> bytes | None:
+        """The reply to one of the injector's requests, or None to forward it to the server."""
+        op = req.opcode
+        O = abi.Opcode  # noqa: E741
+        if req.pid != self.tid:
+            if op in (O.RELEASE, O.RELEASEDIR):
+                with self.lock:
+                    self.fake_fhs.discard(req.arg.fh)
+                return reply(req.unique)
+            if op == O.FLUSH:
+                return reply(req.unique)
+            return reply_error(req.unique, errno.ESTALE)  # a local node, asked by someone else
+        name = req.names[0] if req.names else b""
+        if op == O.LOOKUP:
+            if req.nodeid == abi.ROOT_ID and name == self.hidden_name:
+                return reply(req.unique, self._local_entry(self.hidden_nodeid))
+            with self.lock:
+                scripted = self.script.get((op, req.nodeid, name))
+            if scripted is None:
+                if req.nodeid == self.hidden_nodeid:
+                    return reply_error(req.unique, errno.ENOENT)
+                return None
+            return self._scripted(req, scripted)
+        if op in (O.GETATTR, O.GETXATTR, O.LISTXATTR, O.READLINK, O.ACCESS, O.STATFS):
+            if is_local(req.nodeid):
+                if op == O.GETATTR:
+                    return reply(req.unique, attr_out(self.local[req.nodeid], 0.0))
+                return reply_error(req.unique, errno.ENODATA if op == O.GETXATTR else errno.ENOSYS)
+            return None
+        if op in (O.OPEN, O.OPENDIR):
+            with self.lock:
+                fh = self._next_fh
+                self._next_fh += 1
+                self.fake_fhs.add(fh)
+            flags = abi.FOPEN_DIRECT_IO if op == O.OPEN else 0
+            return reply(req.unique, abi.OPEN_OUT.pack(fh, flags, 0))
+        if op in (O.RELEASE, O.RELEASEDIR, O.FLUSH):
+            if req.arg.fh in self.fake_fhs:
+                if op != O.FLUSH:
+                    with self.lock:
+                        self.fake_fhs.discard(req.arg.fh)
+                return reply(req.unique)
+            return None
+        if op == O.WRITE and req.arg.fh in self.fake_fhs:
+            return reply(req.unique, abi.WRITE_OUT.pack(len(req.data)))
+        if op == O.READ and req.arg.fh in self.fake_fhs:
+            return reply(req.unique, bytes(min(req.arg.size, 1)))
+        key_nodeid = 0 if op == O.SETATTR else req.nodeid
+        with self.lock:
+            scripted = self.script.get((op, key_nodeid, name))
+        if scripted is None:
+            log.warning("injector: unexpected %s on %d %r; refused", req.opname, req.nodeid, name)
+            return reply_error(req.unique, errno.EIO)
+        return self._scripted(req, scripted)
+
+    def _scripted(self, req: Request, scripted: bytes | int) -> bytes:
+        if isinstance(scripted, int):
+            # scripted errors are negative errnos, 0 is success
+            return reply_error(req.unique, -scripted) if scripted else reply(req.unique)
+        if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK):
+            with self.lock:
+                self.consumed.add(abi.ENTRY_OUT.unpack_from(scripted).nodeid)
+        return reply(req.unique, scripted)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _local_entry(self, nodeid: int) -> bytes:
+        return abi.ENTRY_OUT.pack(nodeid, 0, 0, 0, 0, 0) + self.local[nodeid].pack()
+
+    def _tombstone(self, file_type: int, isdir: bool) -> Entry:
+        with self.lock:
+            nodeid = self._next_local
+            self._next_local += 1
+        fmt = file_type or (stat.S_IFDIR if isdir else stat.S_IFREG)
+        attr = _local_attr(nodeid, fmt | (0o755 if fmt == stat.S_IFDIR else 0o644))
+        self.local[nodeid] = attr
+        return Entry(nodeid, 0, attr, abi.ENTRY_OUT.pack(nodeid, 0, 0, 0, 0, 0) + attr.pack())
+
+    def _inval(self, parent: int, name: bytes) -> None:
+        self.write_dev(inval_entry(parent, name))
+
+    def _dir_fd(self, nodeid: int, generation: int) -> int | None:
+        if nodeid == abi.ROOT_ID:
+            return os.dup(self.root_fd)
+        try:
+            return linux_fs.open_fuse_inode(self.root_fd, nodeid, generation, os.O_PATH)
+        except OSError:
+            return None  # not in the guest's inode cache: nothing there to notify or invalidate
+
+    def _with_script(self, script: dict[tuple[int, int, bytes], bytes | int],
+                     call: Callable[[], object]) -> OSError | None:
+        with self.lock:
+            self.script = script
+        try:
+            call()
+            return None
+        except OSError as e:
+            return e
+        finally:
+            with self.lock:
+                self.script = {}
+
+    def _settle(self, *entries: tuple[Entry | None, bool]) -> None:
+        """FORGET every counted entry the kernel did not take."""
+        with self.lock:
+            consumed, self.consumed = self.consumed, set()
+        for entry, counted in entries:
+            if entry is not None and counted and not is_local(entry.nodeid) \
+                    and entry.nodeid not in consumed:
+                self.forget(entry.nodeid, 1)
+
+    # --- the thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        try:
+            st = os.stat(self.mountpoint)
+            self.sdev = watchset.kernel_dev(st.st_dev)
+            self.mnt_id = watchset.mount_id(self.mountpoint)
+            self._rescan()
+        except OSError as e:
+            log.error("injector cannot start: %s", e)
+            return
+        last_scan = time.monotonic()
+        while True:
+            item = self._next(timeout=RESCAN_PERIOD)
+            if item is None:
+                if not self.queue_alive:
+                    return
+                if time.monotonic() - last_scan >= RESCAN_PERIOD:
+                    self._rescan()
+                    last_scan = time.monotonic()
+                continue
+            arrived, ev = item
+            try:
+                # an fd on the mount only while working: a held one would make umount EBUSY
+                self.root_fd = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                log.debug("injector: mount gone (%s)", e)
+                continue
+            try:
+                self._handle(arrived, ev)
+            except Exception:
+                log.exception("injector: event %s failed", ino.mask_names(ev.mask))
+            finally:
+                os.close(self.root_fd)
+                self.root_fd = -1
+
+    queue_alive = True
+
+    def _pull(self, timeout: float | None) -> bool:
+        """Move one frame from the queue to ``pending``; False on timeout or stop."""
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if item is None:
+            self.queue_alive = False
+            return False
+        arrived, frame = item
+        code = int.from_bytes(frame[4:8], "little", signed=True)
+        if code == abi.NotifyCode.NOTIFYFS_OVERFLOW:
+            self.stats["overflow"] += 1
+            log.warning("the server's event queue overflowed; it rescans and sends the difference")
+            return True
+        if code != abi.NotifyCode.NOTIFYFS_EVENT:
+            self.write_dev(frame)  # an ordinary FUSE notification from the server
+            return True
+        try:
+            ev = decode_event(frame[abi.OUT_HEADER.size:])
+        except ProtocolError as e:
+            log.error("bad remote event from the server: %s", e)
+            return True
+        self.pending.append((arrived, ev))
+        return True
+
+    def _next(self, timeout: float) -> tuple[float, RemoteEvent] | None:
+        while not self.pending:
+            if not self._pull(timeout) and not self.pending:
+                return None
+        return self.pending.popleft()
+
+    def _peek_for(self, match: Callable[[RemoteEvent], bool], wait: float) -> RemoteEvent | None:
+        """The first queued event that ``match``es, waiting up to ``wait`` for more to arrive."""
+        deadline = time.monotonic() + wait
+        seen = 0
+        while True:
+            for _arrived, ev in list(self.pending)[seen:]:
+                if match(ev):
+                    return ev
+            seen = len(self.pending)
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._pull(left):
+                return None
+
+    def _rescan(self) -> None:
+        old = self.ws.masks
+        self.ws = watchset.scan(self.sdev, self.mnt_id)
+        self.stats["scans"] += 1
+        if self.publish_masks is not None and old != self.ws.masks:
+            self.publish_masks(old, self.ws.masks)
+
+    def _wanted(self, arrived: float, *nodeids: int) -> bool:
+        if self.ws.watched(*nodeids):
+            return True
+        if arrived >= self.ws.started:  # the view may predate the watch: look again first
+            self._rescan()
+        return self.ws.watched(*nodeids)
+
+    # --- one event ----------------------------------------------------------------------------
+    def _handle(self, arrived: float, ev: RemoteEvent) -> None:
+        kind = ev.mask & ino.IN_ALL_EVENTS
+        self.stats["events"] += 1
+        if kind == ino.IN_MOVED_FROM:
+            to = None
+            if ev.paired:
+                to = self._peek_for(lambda e: e.cookie == ev.cookie
+                                    and e.mask & ino.IN_MOVED_TO != 0, 1.0)
+                if to is not None:
+                    self.pending.remove(next(p for p in self.pending if p[1] is to))
+            self._move(arrived, ev, to)
+        elif kind == ino.IN_MOVED_TO:
+            self._move(arrived, None, ev)
+        elif kind == ino.IN_CREATE:
+            self._create(arrived, ev)
+        elif kind == ino.IN_DELETE:
+            self._delete(arrived, ev)
+        elif kind in (ino.IN_MODIFY, ino.IN_ATTRIB, ino.IN_ACCESS):
+            self._touch(arrived, ev, kind)
+        elif kind == ino.IN_OPEN:
+            self._open(arrived, ev)
+        elif kind in (ino.IN_CLOSE_WRITE, ino.IN_CLOSE_NOWRITE):
+            self._close(arrived, ev, kind)
+        else:
+            log.debug("injector: ignoring %s", ino.mask_names(ev.mask))
+
+    def _create(self, arrived: float, ev: RemoteEvent) -> None:
+        child = ev.entry.nodeid if ev.entry else 0
+        if not self._wanted(arrived, ev.inode, child):
+            self._inval(ev.inode, ev.name)
+            self._settle((ev.entry, ev.counted))
+            return
+        dfd = self._dir_fd(ev.inode, ev.generation)
+        if dfd is None:
+            self._settle((ev.entry, ev.counted))
+            return
+        isdir = bool(ev.mask & ino.IN_ISDIR)
+        entry = ev.entry if ev.entry is not None else self._tombstone(ev.file_type, isdir)
+        fmt = stat.S_IFMT(entry.attr.mode)
+        try:
+            self._inval(ev.inode, ev.name)
+            op = {stat.S_IFDIR: abi.Opcode.MKDIR, stat.S_IFLNK: abi.Opcode.SYMLINK}.get(
+                fmt, abi.Opcode.MKNOD)
+            script: dict[tuple[int, int, bytes], bytes | int] = {
+                (abi.Opcode.LOOKUP, ev.inode, ev.name): -errno.ENOENT,
+                (op, ev.inode, ev.name): entry.raw,
+            }
+            if fmt == stat.S_IFDIR:
+                err = self._with_script(script, lambda: os.mkdir(ev.name, 0o755, dir_fd=dfd))
+            elif fmt == stat.S_IFLNK:
+                err = self._with_script(script, lambda: os.symlink(b"?", ev.name, dir_fd=dfd))
+            else:
+                mode = fmt | 0o644
+                err = self._with_script(script, lambda: os.mknod(ev.name, mode, 0, dir_fd=dfd))
+            if err is not None:
+                log.warning("injecting CREATE %r failed: %s", ev.name, err)
+            self.stats["created"] += 1
+        finally:
+            os.close(dfd)
+            self._settle((ev.entry, ev.counted))
+
+    def _delete(self, arrived: float, ev: RemoteEvent) -> None:
+        child = ev.old.nodeid if ev.old else 0
+        if not self._wanted(arrived, ev.inode, child):
+            self._inval(ev.inode, ev.name)
+            self._settle((ev.old, True))
+            return
+        dfd = self._dir_fd(ev.inode, ev.generation)
+        if dfd is None:
+            self._settle((ev.old, True))
+            return
+        isdir = bool(ev.mask & ino.IN_ISDIR)
+        old = ev.old if ev.old is not None else self._tombstone(ev.file_type, isdir)
+        try:
+            self._inval(ev.inode, ev.name)
+            op = abi.Opcode.RMDIR if isdir else abi.Opcode.UNLINK
+            script: dict[tuple[int, int, bytes], bytes | int] = {
+                (abi.Opcode.LOOKUP, ev.inode, ev.name): old.raw,
+                (op, ev.inode, ev.name): 0,
+            }
+            if isdir:
+                err = self._with_script(script, lambda: os.rmdir(ev.name, dir_fd=dfd))
+            else:
+                err = self._with_script(script, lambda: os.unlink(ev.name, dir_fd=dfd))
+            if err is not None:
+                log.warning("injecting DELETE %r failed: %s", ev.name, err)
+            self.stats["deleted"] += 1
+        finally:
+            os.close(dfd)
+            self._settle((ev.old, True))
+
+    def _move(self, arrived: float, src: RemoteEvent | None, dst: RemoteEvent | None) -> None:
+        moved = (src.entry if src is not None else None) or (dst.entry if dst is not None else None)
+        counted = [(src.entry, src.counted)] if src is not None else []
+        if dst is not None:
+            counted += [(dst.entry, dst.counted), (dst.old, True)]
+        nodes = [e.inode for e in (src, dst) if e is not None]
+        nodes += [moved.nodeid] if moved else []
+        nodes += [dst.old.nodeid] if dst is not None and dst.old is not None else []
+        if not self._wanted(arrived, *nodes):
+            for e in (src, dst):
+                if e is not None:
+                    self._inval(e.inode, e.name)
+            self._settle(*counted)
+            return
+        sfd = self._dir_fd(src.inode, src.generation) if src is not None else None
+        dfd = self._dir_fd(dst.inode, dst.generation) if dst is not None else None
+        hidden = None
+        try:
+            if sfd is None and dfd is None:
+                return
+            isdir = bool((src or dst).mask & ino.IN_ISDIR)  # type: ignore[union-attr]
+            if moved is None:
+                moved = self._tombstone((src or dst).file_type, isdir)  # type: ignore[union-attr]
+            script: dict[tuple[int, int, bytes], bytes | int] = {}
+            if sfd is not None and src is not None:
+                self._inval(src.inode, src.name)
+                s_parent, s_name, s_fd = src.inode, src.name, sfd
+            else:
+                hidden = os.open(os.path.join(self.mountpoint, os.fsdecode(self.hidden_name)),
+                                 os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                s_parent, s_name, s_fd = self.hidden_nodeid, (dst or src).name, hidden  # type: ignore[union-attr]
+            if dfd is not None and dst is not None:
+                self._inval(dst.inode, dst.name)
+                d_parent, d_name, d_fd = dst.inode, dst.name, dfd
+            else:
+                if hidden is None:
+                    hidden = os.open(os.path.join(self.mountpoint, os.fsdecode(self.hidden_name)),
+                                     os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                d_parent, d_name, d_fd = self.hidden_nodeid, src.name, hidden  # type: ignore[union-attr]
+            script[(abi.Opcode.LOOKUP, s_parent, s_name)] = moved.raw
+            over = dst.old if dst is not None and dfd is not None else None
+            script[(abi.Opcode.LOOKUP, d_parent, d_name)] = over.raw if over else -errno.ENOENT
+            script[(abi.Opcode.RENAME, s_parent, s_name)] = 0
+            script[(abi.Opcode.RENAME2, s_parent, s_name)] = 0
+            err = self._with_script(script, lambda: os.rename(s_name, d_name, src_dir_fd=s_fd,
+                                                             dst_dir_fd=d_fd))
+            if err is not None:
+                log.warning("injecting a move of %r failed: %s", s_name, err)
+            self.stats["moved"] += 1
+        finally:
+            for fd in (sfd, dfd, hidden):
+                if fd is not None:
+                    os.close(fd)
+            if hidden is not None:
+                # forget what went through the hidden directory, and the directory itself
+                self._inval(self.hidden_nodeid, (src or dst).name)  # type: ignore[union-attr]
+                self._inval(abi.ROOT_ID, self.hidden_name)
+            self._settle(*counted)
+
+    def _child_fd(self, ev: RemoteEvent) -> int | None:
+        if not ev.name:
+            return os.dup(self.root_fd) if ev.inode == abi.ROOT_ID else None
+        dfd = self._dir_fd(ev.inode, ev.generation)
+        if dfd is None:
+            return None
+        try:
+            return os.open(ev.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            return None
+        finally:
+            os.close(dfd)
+
+    def _held_key(self, ev: RemoteEvent) -> tuple[int, bytes]:
+        if ev.entry is not None:
+            return (ev.entry.nodeid, b"")
+        return (ev.inode, ev.name)
+
+    def _touch(self, arrived: float, ev: RemoteEvent, kind: int) -> None:
+        child = ev.entry.nodeid if ev.entry else 0
+        if not self._wanted(arrived, ev.inode, child):
+            if child:
+                self.write_dev(inval_inode(child))
+            return
+        if child and kind == ino.IN_MODIFY:
+            self.write_dev(inval_inode(child))  # drop cached pages before anyone reacts
+        held = self.held.get(self._held_key(ev))
+        if held and kind == ino.IN_MODIFY and any(h.writable for h in held):
+            wfd = next(h.fd for h in held if h.writable)
+            self._with_script({}, lambda: os.pwrite(wfd, b"\0", 0))
+            if child:
+                self.write_dev(inval_inode(child))
+            return
+        if held and kind == ino.IN_ACCESS and any(not h.writable for h in held):
+            rfd = next(h.fd for h in held if not h.writable)
+            self._with_script({}, lambda: os.pread(rfd, 1, 0))
+            return
+        child_fd = self._child_fd(ev)
+        if child_fd is None:
+            return
+        fd: int = child_fd
+        try:
+            a = ev.entry.attr if ev.entry is not None else None
+            omit = (0, linux_fs.UTIME_OMIT)
+            atime = (a.atime, a.atimensec) if a else (0, linux_fs.UTIME_NOW)
+            mtime = (a.mtime, a.mtimensec) if a else (0, linux_fs.UTIME_NOW)
+            times = {ino.IN_MODIFY: (omit, mtime), ino.IN_ACCESS: (atime, omit),
+                     ino.IN_ATTRIB: (atime, mtime)}[kind]
+            answer: bytes | int = attr_out(a, 0.0) if a is not None else -errno.EIO
+            script: dict[tuple[int, int, bytes], bytes | int] = {(abi.Opcode.SETATTR, 0, b""): answer}
+            err = self._with_script(script, lambda: linux_fs.utimens_empty(fd, *times))
+            if err is not None:
+                log.debug("injecting %s on %r failed: %s", ino.mask_names(kind), ev.name, err)
+            self.stats["touched"] += 1
+        finally:
+            os.close(fd)
+
+    def _open(self, arrived: float, ev: RemoteEvent) -> None:
+        child = ev.entry.nodeid if ev.entry else 0
+        fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
+            return
+        same = self._held_key(ev)
+
+        def later(e: RemoteEvent) -> bool:
+            return self._held_key(e) == same and e.mask & (
+                ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE | ino.IN_ACCESS) != 0
+
+        nxt = self._peek_for(later, LOOKAHEAD_SECONDS)
+        writable = nxt is not None and nxt.mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE) != 0
+        dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
+        if ev.name and dfd is None:
+            return
+        try:
+            flags = os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR else (
+                os.O_WRONLY if writable else os.O_RDONLY)
+            flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            opened: list[int] = []
+
+            def do_open() -> None:
+                if ev.name:
+                    opened.append(os.open(ev.name, flags, dir_fd=dfd))
+                else:
+                    opened.append(os.open(self.mountpoint, flags))
+
+            err = self._with_script({}, do_open)
+            if err is not None or not opened:
+                log.debug("injecting OPEN on %r failed: %s", ev.name, err)
+                return
+            self.held.setdefault(same, []).append(_Held(opened[0], writable))
+            self.stats["opened"] += 1
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+    def _close(self, arrived: float, ev: RemoteEvent, kind: int) -> None:
+        key = self._held_key(ev)
+        held = self.held.get(key)
+        writable = kind == ino.IN_CLOSE_WRITE
+        if held:
+            pick = next((h for h in held if h.writable == writable), held[0])
+            held.remove(pick)
+            if not held:
+                del self.held[key]
+            self._with_script({}, lambda: os.close(pick.fd))
+            self.stats["closed"] += 1
+            return
+        child = ev.entry.nodeid if ev.entry else 0
+        fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
+            return
+        # the OPEN was not injected (the watch is newer than the open): open and close now, so
+        # that the close, the event watchers wait for, is not lost
+        dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
+        if ev.name and dfd is None:
+            return
+        try:
+            flags = (os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR
+                     else os.O_WRONLY if writable else os.O_RDONLY)
+            flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+            def open_close() -> None:
+                fd = (os.open(ev.name, flags, dir_fd=dfd) if ev.name
+                      else os.open(self.mountpoint, flags))
+                os.close(fd)
+
+            self._with_script({}, open_close)
+            self.stats["closed"] += 1
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+
+def _local_attr(nodeid: int, mode: int) -> Attr:
+    now = int(time.time())
+    return Attr(ino=nodeid & 0xFFFFFFFFFFFF, size=0, blocks=0, atime=now, mtime=now, ctime=now,
+                atimensec=0, mtimensec=0, ctimensec=0, mode=mode,
+                nlink=2 if stat.S_ISDIR(mode) else 1, uid=0, gid=0, rdev=0, blksize=4096)

@@ -1,0 +1,371 @@
+"""Host watchers: see every change under the export that a client's guest knows about, turn it
+into remote events (:mod:`notifyfs.events`) and send them to that client.
+
+One watcher per connection, so that each client's echo filter and nlookup accounting stay its own.
+
+``InotifyWatcher`` watches every directory the guest holds a lookup reference to; the watch is
+added before the LOOKUP reply leaves, so a watch the guest sets up afterwards cannot miss a change.
+Its events arrive in exactly the order a local inotify watcher sees them, which is the order the
+guest's watchers get. Echoes of the client's own operations are removed by :class:`EchoFilter`.
+
+Threads: the watcher thread reads the inotify fd; workers call :meth:`watch` before replying and
+the inode table calls :meth:`forgotten` when a directory's last lookup goes.
+Lock order: ``InotifyWatcher.lock`` may be held while taking ``InodeTable.lock``, never the reverse.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import stat
+import threading
+import time
+from collections.abc import Callable
+
+from .. import events
+from ..events import Entry, RemoteEvent
+from ..linux import fs as linux_fs
+from ..linux import inotify as ino
+from ..protocol import Attr
+from .echo import EchoFilter
+from .inodes import Inode, InodeTable
+
+log = logging.getLogger(__name__)
+
+WATCH_MASK = ino.IN_ALL_EVENTS | ino.IN_ONLYDIR
+#: events the guest kernel makes itself from the injected calls: never forwarded
+_SELF_ONLY = ino.IN_DELETE_SELF | ino.IN_MOVE_SELF
+_CONTENT = (ino.IN_MODIFY | ino.IN_ATTRIB | ino.IN_ACCESS | ino.IN_OPEN | ino.IN_CLOSE_WRITE
+            | ino.IN_CLOSE_NOWRITE)
+READ_SIZE = 1 << 20
+
+
+class InotifyWatcher:
+    def __init__(self, table: InodeTable, send: Callable[[bytes], None], echo: EchoFilter,
+                 lookup: Callable[[Inode, bytes], int], timeouts: tuple[float, float],
+                 max_watches: int = 1 << 20) -> None:
+        self.table = table
+        self.send = send
+        self.echo = echo
+        self.lookup = lookup  # (parent inode, name) -> O_PATH fd, confined to the export
+        self.entry_timeout, self.attr_timeout = timeouts
+        self.max_watches = max_watches
+        self.inotify = ino.Inotify(ino.IN_CLOEXEC | ino.IN_NONBLOCK)
+        self.lock = threading.Lock()
+        self.wds: dict[int, int] = {}  # wd -> nodeid
+        self.by_node: dict[int, int] = {}  # nodeid -> wd
+        self.masks: dict[int, int] = {}  # what the guest says it watches (NOTIFYFS_FSNOTIFY)
+        self.running = True
+        self.sent = 0
+        self.overflows = 0
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._run, name="inotify-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.watch(self.table.root)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.running = False
+        os.write(self._stop_w, b"x")
+        self.thread.join(timeout=5)
+        self.inotify.close()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    # --- watch set ---------------------------------------------------------------------------
+    def watch(self, inode: Inode) -> None:
+        if not inode.is_dir:
+            return
+        with self.lock:
+            if inode.nodeid in self.by_node:
+                return
+            if len(self.by_node) >= self.max_watches:
+                log.warning("watch cap (%d) reached: changes in new directories go unseen",
+                            self.max_watches)
+                return
+            try:
+                wd = self.inotify.add_watch(linux_fs.proc_path(inode.fd), WATCH_MASK)
+            except OSError as e:
+                log.warning("cannot watch a directory: %s", e)
+                return
+            self.wds[wd] = inode.nodeid
+            self.by_node[inode.nodeid] = wd
+
+    def forgotten(self, inode: Inode) -> None:
+        with self.lock:
+            wd = self.by_node.pop(inode.nodeid, None)
+            if wd is None:
+                return
+            self.wds.pop(wd, None)
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass  # already gone with its directory
+
+    def set_mask(self, nodeid: int, mask: int) -> None:
+        with self.lock:
+            if mask:
+                self.masks[nodeid] = mask
+            else:
+                self.masks.pop(nodeid, None)
+
+    @property
+    def watch_count(self) -> int:
+        return len(self.by_node)
+
+    # --- reading -----------------------------------------------------------------------------
+    def _read_batch(self) -> tuple[float, list[ino.Event]]:
+        """Everything queued now; the time returned is when the draining began."""
+        started = time.monotonic()
+        out: list[ino.Event] = []
+        while True:
+            try:
+                buf = os.read(self.inotify.fd, READ_SIZE)
+            except BlockingIOError:
+                return started, out
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise
+            out.extend(ino.parse_events(buf))
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.inotify.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while self.running:
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            if not self.running or any(fd == self._stop_r for fd, _ in ready):
+                return
+            try:
+                started, batch = self._read_batch()
+                if batch and batch[-1].mask & ino.IN_MOVED_FROM:
+                    # a rename queues MOVED_FROM and MOVED_TO together: give the second a moment
+                    time.sleep(0.001)
+                    batch.extend(self._read_batch()[1])
+                self._process(batch)
+                self.echo.expire(started)
+            except Exception:
+                log.exception("host watcher failed on a batch of events")
+
+    # --- turning host events into remote events -------------------------------------------
+    def _process(self, batch: list[ino.Event]) -> None:
+        i = 0
+        while i < len(batch):
+            ev = batch[i]
+            i += 1
+            if ev.mask & ino.IN_Q_OVERFLOW:
+                self.overflows += 1
+                log.warning("host inotify queue overflowed")
+                self.send(events.overflow())
+                continue
+            if ev.mask & ino.IN_IGNORED:
+                with self.lock:
+                    nodeid = self.wds.pop(ev.wd, None)
+                    if nodeid is not None and self.by_node.get(nodeid) == ev.wd:
+                        del self.by_node[nodeid]
+                continue
+            with self.lock:
+                nodeid = self.wds.get(ev.wd)
+            if nodeid is None:
+                continue
+            kind = ev.mask & ino.IN_ALL_EVENTS
+            if kind & _SELF_ONLY:
+                continue
+            if not ev.name:
+                # events on a watched directory itself also arrive, with its name, on its parent's
+                # watch; only the export root has no parent here
+                if nodeid == 1 and kind & _CONTENT and not self.echo.match((1, b""), kind):
+                    self._content(nodeid, b"", ev)
+                continue
+            if kind == ino.IN_MOVED_FROM:
+                to = None
+                if i < len(batch) and batch[i].mask & ino.IN_MOVED_TO and batch[i].cookie == ev.cookie:
+                    to = batch[i]
+                    i += 1
+                self._move(nodeid, ev, to)
+                continue
+            if self.echo.match((nodeid, ev.name), kind):
+                continue
+            if kind == ino.IN_MOVED_TO:
+                self._move(None, None, ev)
+            elif kind == ino.IN_CREATE:
+                self._create(nodeid, ev)
+            elif kind == ino.IN_DELETE:
+                self._delete(nodeid, ev)
+            elif kind & _CONTENT:
+                self._content(nodeid, ev.name, ev)
+
+    def _parent(self, nodeid: int) -> Inode | None:
+        try:
+            inode = self.table.acquire(nodeid)
+        except Exception:
+            return None
+        return inode
+
+    def _counted_lookup(self, parent: Inode, name: bytes) -> Entry | None:
+        """Look ``name`` up now and count it, as a LOOKUP would; None if it is gone."""
+        try:
+            fd = self.lookup(parent, name)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        inode = self.table.add_lookup(fd, st)
+        self.table.remember(parent.nodeid, name, inode)
+        self.watch(inode)
+        return events.make_entry(inode.nodeid, inode.generation, Attr.from_stat(st),
+                                 self.entry_timeout, self.attr_timeout)
+
+    def _known_entry(self, inode: Inode, extra_links: int = 0) -> Entry | None:
+        """An entry for an inode the guest knows, counted (its attributes from before a removal
+        when ``extra_links`` is 1)."""
+        try:
+            st = os.fstat(inode.fd)
+        except OSError:
+            return None
+        if not self.table.add_ref(inode):
+            return None
+        attr = Attr.from_stat(st)
+        if extra_links:
+            nlink = 2 if stat.S_ISDIR(st.st_mode) else attr.nlink + extra_links
+            attr = Attr(**{**_asdict(attr), "nlink": nlink})
+        return events.make_entry(inode.nodeid, inode.generation, attr, self.entry_timeout,
+                                 self.attr_timeout)
+
+    def _emit(self, ev: RemoteEvent) -> None:
+        self.sent += 1
+        self.send(events.encode_event(ev))
+
+    def _file_type(self, entry: Entry | None, mask: int) -> int:
+        if entry is not None:
+            return stat.S_IFMT(entry.attr.mode)
+        return stat.S_IFDIR if mask & ino.IN_ISDIR else 0
+
+    def _create(self, nodeid: int, ev: ino.Event) -> None:
+        parent = self._parent(nodeid)
+        if parent is None:
+            return
+        try:
+            entry = self._counted_lookup(parent, ev.name)
+            self._emit(RemoteEvent(nodeid, parent.generation, ev.mask, 0, ev.name,
+                                   self._file_type(entry, ev.mask), entry, entry is not None))
+        finally:
+            self.table.release(parent)
+
+    def _delete(self, nodeid: int, ev: ino.Event) -> None:
+        parent = self._parent(nodeid)
+        if parent is None:
+            return
+        try:
+            gone = self.table.child(nodeid, ev.name, drop=True)
+            old = None
+            if gone is not None:
+                old = self._known_entry(gone, extra_links=1)
+                self.table.release(gone)
+            self._emit(RemoteEvent(nodeid, parent.generation, ev.mask, 0, ev.name,
+                                   self._file_type(old, ev.mask), old=old))
+        finally:
+            self.table.release(parent)
+
+    def _move(self, src_node: int | None, src: ino.Event | None, dst: ino.Event | None) -> None:
+        """A rename, a move out of what the guest knows (``dst`` None) or into it (``src`` None).
+        Echo: a rename the client made itself matches its expectation on the source name."""
+        if src is not None and self.echo.match((src_node or 0, src.name), ino.IN_MOVED_FROM):
+            if dst is not None:
+                with self.lock:
+                    dnode = self.wds.get(dst.wd)
+                if dnode is not None:
+                    self.echo.match((dnode, dst.name), ino.IN_MOVED_TO)
+            return
+        sparent = self._parent(src_node) if src_node is not None else None
+        dnode = None
+        if dst is not None:
+            with self.lock:
+                dnode = self.wds.get(dst.wd)
+        dparent = self._parent(dnode) if dnode is not None else None
+        try:
+            moved = None
+            if sparent is not None and src is not None:
+                known = self.table.child(sparent.nodeid, src.name)
+                if known is not None:
+                    moved = self._known_entry(known)
+                    self.table.release(known)
+            over = None
+            if dparent is not None and dst is not None:
+                victim = self.table.child(dparent.nodeid, dst.name)
+                if victim is not None:
+                    if moved is None or victim.nodeid != moved.nodeid:
+                        over = self._known_entry(victim, extra_links=1)
+                    self.table.release(victim)
+                if moved is None:
+                    moved = self._counted_lookup(dparent, dst.name)
+                elif src is not None and sparent is not None:
+                    self.table.move_name(sparent.nodeid, src.name, dparent.nodeid, dst.name)
+            elif sparent is not None and src is not None:
+                self.table.drop_name(sparent.nodeid, src.name)
+            mask = (src or dst).mask  # type: ignore[union-attr]
+            ftype = self._file_type(moved, mask)
+            if sparent is not None and src is not None:
+                self._emit(RemoteEvent(sparent.nodeid, sparent.generation, src.mask, src.cookie,
+                                       src.name, ftype, moved, moved is not None,
+                                       paired=dparent is not None))
+                moved_sent = True
+            else:
+                moved_sent = False
+            if dparent is not None and dst is not None:
+                self._emit(RemoteEvent(dparent.nodeid, dparent.generation, dst.mask, dst.cookie,
+                                       dst.name, ftype, None if moved_sent else moved,
+                                       not moved_sent and moved is not None, old=over))
+        finally:
+            for p in (sparent, dparent):
+                if p is not None:
+                    self.table.release(p)
+
+    def _content(self, nodeid: int, name: bytes, ev: ino.Event) -> None:
+        parent = self._parent(nodeid)
+        if parent is None:
+            return
+        try:
+            entry = None
+            if not name:
+                st = os.fstat(parent.fd)
+                entry = events.make_entry(parent.nodeid, parent.generation, Attr.from_stat(st),
+                                          self.entry_timeout, self.attr_timeout)
+            else:
+                known = self.table.child(nodeid, name)
+                try:
+                    if known is not None:
+                        try:
+                            st = os.fstat(known.fd)
+                        finally:
+                            self.table.release(known)
+                        child_id, gen = known.nodeid, known.generation
+                    else:
+                        fd = self.lookup(parent, name)
+                        try:
+                            st = os.fstat(fd)
+                        finally:
+                            os.close(fd)
+                        child_id, gen = 0, 0  # the guest does not know it: attributes only
+                    entry = events.make_entry(child_id, gen, Attr.from_stat(st),
+                                              self.entry_timeout, self.attr_timeout)
+                except OSError:
+                    entry = None
+            self._emit(RemoteEvent(nodeid, parent.generation, ev.mask, 0, name,
+                                   self._file_type(entry, ev.mask), entry, False))
+        finally:
+            self.table.release(parent)
+
+
+def _asdict(attr: Attr) -> dict[str, int]:
+    return {f: getattr(attr, f) for f in Attr.__slots__}  # type: ignore[attr-defined]
