@@ -77,7 +77,7 @@ class Injector:
         self.fake_fhs: set[int] = set()
         self._next_fh = 1 << 62
         self.local: dict[int, Attr] = {}
-        self._next_local = LOCAL_BASE + 2
+        self._next_local = LOCAL_BASE + 3
         self.hidden_name = b".notifyfs-inject-" + secrets.token_hex(8).encode()
         self.hidden_nodeid = LOCAL_BASE + 1
         self.local[self.hidden_nodeid] = _local_attr(self.hidden_nodeid, stat.S_IFDIR | 0o700)
@@ -85,7 +85,13 @@ class Injector:
         self.ws = watchset.WatchSet()
         self.sdev = -1
         self.mnt_id = -1
-        self.root_fd = -1  # an fd on the mount, open only while an event is handled
+        self.root_fd = -1  # O_PATH fd of the mount's root, open only while events are handled
+        # open_by_handle_at wants a real (not O_PATH) fd on the mount, and opening anything makes
+        # an IN_OPEN event: so it is a file that exists only here, in the hidden directory, which
+        # no inotify watch can see (opened per burst of events, so umount is not kept busy)
+        self.anchor_fd = -1
+        self.anchor_nodeid = LOCAL_BASE + 2
+        self.local[self.anchor_nodeid] = _local_attr(self.anchor_nodeid, stat.S_IFREG | 0o400)
         self.stats = collections.Counter[str]()
         self.thread: threading.Thread | None = None
 
@@ -124,6 +130,8 @@ class Injector:
         if op == O.LOOKUP:
             if req.nodeid == abi.ROOT_ID and name == self.hidden_name:
                 return reply(req.unique, self._local_entry(self.hidden_nodeid))
+            if req.nodeid == self.hidden_nodeid and name == b"anchor":
+                return reply(req.unique, self._local_entry(self.anchor_nodeid))
             with self.lock:
                 scripted = self.script.get((op, req.nodeid, name))
             if scripted is None:
@@ -155,6 +163,8 @@ class Injector:
             return reply(req.unique, abi.WRITE_OUT.pack(len(req.data)))
         if op == O.READ and req.arg.fh in self.fake_fhs:
             return reply(req.unique, bytes(min(req.arg.size, 1)))
+        if op in (O.READDIR, O.READDIRPLUS) and req.arg.fh in self.fake_fhs:
+            return reply(req.unique)  # an empty listing: getdents still reports IN_ACCESS
         key_nodeid = 0 if op == O.SETATTR else req.nodeid
         with self.lock:
             scripted = self.script.get((op, key_nodeid, name))
@@ -167,7 +177,8 @@ class Injector:
         if isinstance(scripted, int):
             # scripted errors are negative errnos, 0 is success
             return reply_error(req.unique, -scripted) if scripted else reply(req.unique)
-        if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK):
+        if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK,
+                          abi.Opcode.LINK):
             with self.lock:
                 self.consumed.add(abi.ENTRY_OUT.unpack_from(scripted).nodeid)
         return reply(req.unique, scripted)
@@ -192,9 +203,32 @@ class Injector:
         if nodeid == abi.ROOT_ID:
             return os.dup(self.root_fd)
         try:
-            return linux_fs.open_fuse_inode(self.root_fd, nodeid, generation, os.O_PATH)
+            return linux_fs.open_fuse_inode(self._anchor(), nodeid, generation, os.O_PATH)
         except OSError:
             return None  # not in the guest's inode cache: nothing there to notify or invalidate
+
+    def _anchor(self) -> int:
+        if self.anchor_fd < 0:
+            path = os.path.join(self.mountpoint, os.fsdecode(self.hidden_name), "anchor")
+            self.anchor_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return self.anchor_fd
+
+    def _idle(self) -> None:
+        """No event waiting: let go of everything that keeps the mount busy."""
+        if self.anchor_fd >= 0:
+            os.close(self.anchor_fd)
+            self.anchor_fd = -1
+            self._inval(self.hidden_nodeid, b"anchor")
+            self._inval(abi.ROOT_ID, self.hidden_name)
+
+    def _existing(self, entry: Entry) -> int | None:
+        """An O_PATH fd of the guest's inode for ``entry``, if the guest has it cached."""
+        if is_local(entry.nodeid) or not entry.nodeid:
+            return None
+        try:
+            return linux_fs.open_fuse_inode(self._anchor(), entry.nodeid, entry.generation)
+        except OSError:
+            return None
 
     def _with_script(self, script: dict[tuple[int, int, bytes], bytes | int],
                      call: Callable[[], object]) -> OSError | None:
@@ -253,6 +287,8 @@ class Injector:
             finally:
                 os.close(self.root_fd)
                 self.root_fd = -1
+                if not self.pending and self.queue.empty():
+                    self._idle()
 
     queue_alive = True
 
@@ -319,6 +355,7 @@ class Injector:
     def _handle(self, arrived: float, ev: RemoteEvent) -> None:
         kind = ev.mask & ino.IN_ALL_EVENTS
         self.stats["events"] += 1
+        log.debug("inject %s %r in %d", ino.mask_names(ev.mask), ev.name, ev.inode)
         if kind == ino.IN_MOVED_FROM:
             to = None
             if ev.paired:
@@ -363,7 +400,17 @@ class Injector:
                 (abi.Opcode.LOOKUP, ev.inode, ev.name): -errno.ENOENT,
                 (op, ev.inode, ev.name): entry.raw,
             }
-            if fmt == stat.S_IFDIR:
+            # the guest already has this inode: the name is a new link to it (its nlink may be
+            # back to 1 by now, if the host already removed the other name)
+            linked = self._existing(entry) if fmt != stat.S_IFDIR else None
+            if linked is not None:
+                # a new name for an inode the guest has: a link (ATTRIB on it, then CREATE)
+                script[(abi.Opcode.LINK, ev.inode, ev.name)] = entry.raw
+                try:
+                    err = self._with_script(script, lambda: linux_fs.link_empty(linked, dfd, ev.name))
+                finally:
+                    os.close(linked)
+            elif fmt == stat.S_IFDIR:
                 err = self._with_script(script, lambda: os.mkdir(ev.name, 0o755, dir_fd=dfd))
             elif fmt == stat.S_IFLNK:
                 err = self._with_script(script, lambda: os.symlink(b"?", ev.name, dir_fd=dfd))
@@ -501,7 +548,10 @@ class Injector:
             return
         if held and kind == ino.IN_ACCESS and any(not h.writable for h in held):
             rfd = next(h.fd for h in held if not h.writable)
-            self._with_script({}, lambda: os.pread(rfd, 1, 0))
+            if ev.mask & ino.IN_ISDIR:
+                self._with_script({}, lambda: _getdents(rfd))
+            else:
+                self._with_script({}, lambda: os.pread(rfd, 1, 0))
             return
         child_fd = self._child_fd(ev)
         if child_fd is None:
@@ -527,6 +577,7 @@ class Injector:
         child = ev.entry.nodeid if ev.entry else 0
         fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
         if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
+            log.debug("OPEN of %r not injected (type %o)", ev.name, fmt)
             return
         same = self._held_key(ev)
 
@@ -553,9 +604,10 @@ class Injector:
 
             err = self._with_script({}, do_open)
             if err is not None or not opened:
-                log.debug("injecting OPEN on %r failed: %s", ev.name, err)
+                log.warning("injecting OPEN on %r failed: %s", ev.name, err)
                 return
             self.held.setdefault(same, []).append(_Held(opened[0], writable))
+            log.debug("injected OPEN of %r (%s), fd %d", ev.name, "w" if writable else "r", opened[0])
             self.stats["opened"] += 1
         finally:
             if dfd is not None:
@@ -604,3 +656,10 @@ def _local_attr(nodeid: int, mode: int) -> Attr:
     return Attr(ino=nodeid & 0xFFFFFFFFFFFF, size=0, blocks=0, atime=now, mtime=now, ctime=now,
                 atimensec=0, mtimensec=0, ctimensec=0, mode=mode,
                 nlink=2 if stat.S_ISDIR(mode) else 1, uid=0, gid=0, rdev=0, blksize=4096)
+
+
+def _getdents(fd: int) -> None:
+    """One getdents on a directory fd (what makes the kernel report IN_ACCESS for a listing)."""
+    with os.scandir(fd) as it:
+        for _ in it:
+            pass

@@ -62,6 +62,9 @@ class InotifyWatcher:
         self.overflows = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._run, name="inotify-watcher", daemon=True)
+        self._batch: list[ino.Event] = []
+        self._later: dict[tuple[int, bytes], list[int]] = {}
+        self._pos = 0
 
     def start(self) -> None:
         self.watch(self.table.root)
@@ -156,9 +159,15 @@ class InotifyWatcher:
 
     # --- turning host events into remote events -------------------------------------------
     def _process(self, batch: list[ino.Event]) -> None:
+        # Where each name goes later in this batch: by the time an event is read, its name may
+        # already have been renamed or removed on the host (the inode is found where it is now)
+        self._batch = batch
+        self._later = {}
+        self._index(0)
         i = 0
         while i < len(batch):
             ev = batch[i]
+            self._pos = i
             i += 1
             if ev.mask & ino.IN_Q_OVERFLOW:
                 self.overflows += 1
@@ -176,6 +185,7 @@ class InotifyWatcher:
             if nodeid is None:
                 continue
             kind = ev.mask & ino.IN_ALL_EVENTS
+            log.debug("host event %s %r on %d", ino.mask_names(ev.mask), ev.name, nodeid)
             if kind & _SELF_ONLY:
                 continue
             if not ev.name:
@@ -209,10 +219,71 @@ class InotifyWatcher:
             return None
         return inode
 
+    def _index(self, start: int) -> None:
+        for j in range(start, len(self._batch)):
+            e = self._batch[j]
+            if e.mask & (ino.IN_MOVED_FROM | ino.IN_DELETE):
+                self._later.setdefault((e.wd, e.name), []).append(j)
+
+    def _read_more(self) -> bool:
+        """Append what the host queued since this batch was read (the rename or removal that
+        made a name vanish is queued by then: the kernel queues events inside the syscall)."""
+        start = len(self._batch)
+        self._batch.extend(self._read_batch()[1])
+        self._index(start)
+        return len(self._batch) > start
+
+    def _where_now(self, nodeid: int, name: bytes) -> tuple[int, bytes] | None:
+        """Where the object that the current event calls ``name`` in ``nodeid`` is now, following
+        the renames later in the batch; None if it was removed or moved away."""
+        with self.lock:
+            wd = self.by_node.get(nodeid)
+        if wd is None:
+            return nodeid, name
+        pos = self._pos
+        batch = self._batch
+        while True:
+            nxt = next((j for j in self._later.get((wd, name), ()) if j > pos), None)
+            if nxt is None:
+                break
+            ev = batch[nxt]
+            if ev.mask & ino.IN_DELETE:
+                return None
+            to = batch[nxt + 1] if nxt + 1 < len(batch) else None
+            if to is None or not to.mask & ino.IN_MOVED_TO or to.cookie != ev.cookie:
+                return None
+            wd, name, pos = to.wd, to.name, nxt + 1
+        with self.lock:
+            now = self.wds.get(wd)
+        return (now, name) if now is not None else None
+
+    def _open_now(self, parent: Inode, name: bytes) -> int:
+        """An O_PATH fd of what the current event calls ``name`` in ``parent``."""
+        try:
+            return self._open_where(parent, name)
+        except FileNotFoundError:
+            if not self._read_more():
+                raise
+            return self._open_where(parent, name)
+
+    def _open_where(self, parent: Inode, name: bytes) -> int:
+        where = self._where_now(parent.nodeid, name)
+        if where is None:
+            raise FileNotFoundError(name)
+        if where[0] == parent.nodeid:
+            return self.lookup(parent, where[1])
+        other = self._parent(where[0])
+        if other is None:
+            raise FileNotFoundError(name)
+        try:
+            return self.lookup(other, where[1])
+        finally:
+            self.table.release(other)
+
     def _counted_lookup(self, parent: Inode, name: bytes) -> Entry | None:
         """Look ``name`` up now and count it, as a LOOKUP would; None if it is gone."""
         try:
-            fd = self.lookup(parent, name)
+            fd = self._open_now(parent, name)
         except OSError:
             return None
         try:
@@ -243,6 +314,7 @@ class InotifyWatcher:
                                  self.attr_timeout)
 
     def _emit(self, ev: RemoteEvent) -> None:
+        log.debug("remote event %s %r in %d", ino.mask_names(ev.mask), ev.name, ev.inode)
         self.sent += 1
         self.send(events.encode_event(ev))
 
@@ -351,7 +423,7 @@ class InotifyWatcher:
                             self.table.release(known)
                         child_id, gen = known.nodeid, known.generation
                     else:
-                        fd = self.lookup(parent, name)
+                        fd = self._open_now(parent, name)
                         try:
                             st = os.fstat(fd)
                         finally:
@@ -359,7 +431,8 @@ class InotifyWatcher:
                         child_id, gen = 0, 0  # the guest does not know it: attributes only
                     entry = events.make_entry(child_id, gen, Attr.from_stat(st),
                                               self.entry_timeout, self.attr_timeout)
-                except OSError:
+                except OSError as e:
+                    log.debug("no attributes for %r: %s", name, e)
                     entry = None
             self._emit(RemoteEvent(nodeid, parent.generation, ev.mask, 0, name,
                                    self._file_type(entry, ev.mask), entry, False))
