@@ -7,11 +7,8 @@ their local events once, nothing more).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _server_args(p)
     _mount_args(p)
     _events_arg(p)
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="on SIGUSR1, write the server's and agent's counters there as JSON")
 
     sub.add_parser("demo", help="share a temporary directory and show it working")
     return parser
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="notifyfs[%(process)d] %(levelname)s %(name)s: %(message)s")
     # imported here so that `notifyfs --help` stays fast
-    from .agent.relay import MountError, MountOptions
+    from .agent.relay import MountError
     from .server.passthrough import Options
     from .server.run import ServeError
 
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             from .server.run import serve
             return serve(args.export, args.listen, sopts, _token(args.token_file), args.workers)
         from .share import share
-        return share(args.src, args.mountpoint, sopts, _mopts(args), args.workers)
+        return share(args.src, args.mountpoint, sopts, _mopts(args), args.workers,
+                     args.stats_file)
     except (MountError, ServeError, ValueError, wire.HandshakeError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"notifyfs: error: {msg}", file=sys.stderr)

@@ -18,6 +18,7 @@ Lock order: ``Relay.lock`` (in-flight set) is a leaf lock; the socket writer's l
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -30,7 +31,15 @@ from dataclasses import dataclass, field
 
 from .. import abi, events, wire
 from ..linux import mount as linux_mount
-from ..protocol import MAX_WRITE, ProtocolError, Request, decode_request, encode_request, reply_error
+from ..protocol import (
+    MAX_WRITE,
+    ProtocolError,
+    Request,
+    decode_request,
+    encode_request,
+    parse_dirents,
+    reply_error,
+)
 from .injector import Injector, is_local
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,8 @@ log = logging.getLogger(__name__)
 READ_BUFFER = MAX_WRITE + 64 * 1024
 _NO_REPLY = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET, abi.Opcode.INTERRUPT)
 _FH_OPS = (abi.Opcode.RELEASE, abi.Opcode.RELEASEDIR, abi.Opcode.FLUSH)
+_ENTRY_OPS = (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK,
+              abi.Opcode.LINK, abi.Opcode.CREATE, abi.Opcode.READDIRPLUS)
 #: uniques of requests the agent itself sends to the server (the kernel's stay far below)
 AGENT_UNIQUE = 1 << 63
 _INIT_FLAGS_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags"]
@@ -164,7 +175,9 @@ class Relay:
         self.used_fusermount = False
         self.writer = wire.FrameWriter(sock)
         self.lock = threading.Lock()
-        self.inflight: set[int] = set()
+        self.inflight: dict[int, int] = {}  # unique -> opcode
+        #: the kernel's lookup count per nodeid, as the entries it was given minus its FORGETs
+        self.kernel_lookups: collections.Counter[int] = collections.Counter()
         self.server_dead = False
         self.notifications: queue.Queue[bytes | None] = queue.Queue()
         self.injector: Injector | None = None
@@ -301,6 +314,8 @@ class Relay:
         answer = inj.answer(req)
         if answer is None:
             return data
+        if opcode in _ENTRY_OPS:
+            self._count_entries(opcode, answer)
         self._write_dev(answer)
         return None
 
@@ -327,6 +342,41 @@ class Relay:
         except OSError as e:
             log.warning("unmount failed: %s", e)
         self.finish(0)
+
+    def _count_entries(self, opcode: int, frame: bytes) -> None:
+        """Count the nodeids a reply hands the kernel (each is one lookup it will FORGET)."""
+        if len(frame) < abi.OUT_HEADER.size + abi.ENTRY_OUT.size:
+            return  # an error reply
+        try:
+            if opcode == abi.Opcode.READDIRPLUS:
+                ids = [abi.ENTRY_OUT.unpack_from(e).nodeid
+                       for *_rest, e in parse_dirents(frame[abi.OUT_HEADER.size:], plus=True)]
+            else:
+                ids = [abi.ENTRY_OUT.unpack_from(frame, abi.OUT_HEADER.size).nodeid]
+        except ProtocolError:
+            return
+        with self.lock:
+            for nodeid in ids:
+                if nodeid:
+                    self.kernel_lookups[nodeid] += 1
+
+    def _count_forgets(self, forgets: list[tuple[int, int]]) -> None:
+        with self.lock:
+            for nodeid, n in forgets:
+                left = self.kernel_lookups[nodeid] - n
+                if left > 0:
+                    self.kernel_lookups[nodeid] = left
+                else:
+                    del self.kernel_lookups[nodeid]
+
+    def stats(self) -> dict[str, object]:
+        with self.lock:
+            kl = dict(self.kernel_lookups)
+        out: dict[str, object] = {"kernel_inodes": len(kl), "kernel_nlookup": sum(kl.values()),
+                                  "in_flight": len(self.inflight)}
+        if self.injector is not None:
+            out["injector"] = dict(self.injector.stats)
+        return out
 
     def _write_dev(self, frame: bytes) -> None:
         try:
@@ -361,6 +411,14 @@ class Relay:
                     (flags2,) = struct.unpack_from("=I", buf, _INIT_FLAGS2_OFFSET)
                     struct.pack_into("=I", buf, _INIT_FLAGS2_OFFSET, flags2 & ~(mask >> 32))
                 data = bytes(buf)
+            if opcode == abi.Opcode.FORGET and len(data) >= abi.IN_HEADER.size + 8:
+                self._count_forgets([struct.unpack_from("=Q", data, 16) + struct.unpack_from(
+                    "=Q", data, abi.IN_HEADER.size)])
+            elif opcode == abi.Opcode.BATCH_FORGET:
+                try:
+                    self._count_forgets(list(decode_request(data).forgets))
+                except ProtocolError:
+                    pass
             if self.injector is not None:
                 fwd = self._injector_request(data, opcode, unique)
                 if fwd is None:
@@ -370,7 +428,7 @@ class Relay:
             with self.lock:
                 dead = self.server_dead
                 if needs_reply and not dead:
-                    self.inflight.add(unique)
+                    self.inflight[unique] = opcode
             if dead:
                 if needs_reply:
                     self._write_dev(reply_error(unique, errno.EIO))
@@ -401,7 +459,9 @@ class Relay:
             if unique & AGENT_UNIQUE:
                 continue  # the answer to one of the agent's own requests
             with self.lock:
-                self.inflight.discard(unique)
+                opcode = self.inflight.pop(unique, 0)
+            if opcode in _ENTRY_OPS:
+                self._count_entries(opcode, frame)
             self._write_dev(frame)
         self._server_lost(reason)
 

@@ -165,6 +165,11 @@ class Server:
             with self.lock:
                 self.connections.discard(conn)
 
+    def stats(self) -> list[dict[str, object]]:
+        with self.lock:
+            conns = list(self.connections)
+        return [dict(peer=c.peer, **getattr(c.fs, "stats", dict)()) for c in conns]
+
     def serve_forever(self, listener: socket.socket) -> None:
         while True:
             try:

@@ -798,4 +798,11 @@ class Passthrough(Filesystem):
     def stats(self) -> dict[str, Any]:
         with self.lock:
             nh = len(self.handles)
-        return {"inodes": len(self.inodes), "handles": nh}
+        counts = self.inodes.lookup_counts()
+        counts.pop(1, None)  # the root is never forgotten
+        out: dict[str, Any] = {"inodes": len(counts), "nlookup": sum(counts.values()),
+                               "handles": nh, "echo_suppressed": self.echo.suppressed}
+        if self.watcher is not None:
+            out.update(watches=self.watcher.watch_count, events_sent=self.watcher.sent,
+                       overflows=self.watcher.overflows)
+        return out
