@@ -40,6 +40,10 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.02) -> bool:  # ty
 
 
 def force_unmount(path: str | Path) -> None:
+    """Unmount whatever is left; -f aborts the FUSE connection first, which also frees a process
+    stuck waiting on its own mount."""
+    if is_mounted(path):
+        subprocess.run(["umount", "-f", str(path)], check=False, capture_output=True)
     if is_mounted(path):
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
@@ -71,6 +75,7 @@ class Share:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                force_unmount(self.mnt)  # aborts the connection: nothing can stay stuck on it
                 self.proc.kill()
                 self.proc.wait(5)
         force_unmount(self.mnt)

@@ -77,6 +77,7 @@ class MountOptions:
     parallel_dirops: bool = True
     max_write: int = MAX_WRITE
     events: str = "both"  # both: local and remote events; local: local events only
+    inject: str = "watched"  # watched: only what /proc shows watched; all: every remote event
     extra: list[str] = field(default_factory=list)
 
     @classmethod
@@ -106,6 +107,8 @@ class MountOptions:
                 o.readdirplus = value
             elif key == "events" and value in ("both", "local"):
                 o.events = value
+            elif key == "inject" and value in ("watched", "all"):
+                o.inject = value
             elif key == "max_write" and value.isdigit() and 4096 <= int(value) <= MAX_WRITE:
                 o.max_write = int(value)
             elif key in ("default_permissions", "rootmode", "user_id", "group_id", "fd"):
@@ -248,7 +251,7 @@ class Relay:
     def start(self) -> None:
         if self.remote_events:
             self.injector = Injector(self.mountpoint, self._write_dev, self.send_forget,
-                                     self.publish_masks)
+                                     self.publish_masks, inject_all=self.options.inject == "all")
         for target, name in ((self._kernel_reader, "kernel-reader"),
                              (self._server_reader, "server-reader"),
                              (self._notifier, "notifier")):
@@ -337,6 +340,8 @@ class Relay:
         if self._stopping:
             return
         self._stopping = True
+        if self.injector is not None:
+            self.injector.stop()  # before unmounting: it must not be inside a call on the mount
         try:
             self.unmount()
         except OSError as e:

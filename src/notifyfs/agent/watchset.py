@@ -37,7 +37,7 @@ def parse_fdinfo(text: str, sdev: int, mnt_id: int) -> tuple[dict[int, int], int
     masks: dict[int, int] = {}
     everything = 0
     for line in text.splitlines():
-        if not (line.startswith("inotify ") or line.startswith("fanotify ")):
+        if not line.startswith(("inotify ", "fanotify ")) or line.startswith("fanotify flags:"):
             continue
         f = _fields(line)
         if "mask" not in f:
@@ -51,7 +51,7 @@ def parse_fdinfo(text: str, sdev: int, mnt_id: int) -> tuple[dict[int, int], int
             nodeid, _gen = parse_fuse_handle(f["f_handle"])
             masks[nodeid] = masks.get(nodeid, 0) | mask
         elif "mnt_id" in f:
-            everything |= mask if int(f["mnt_id"]) == mnt_id else 0
+            everything |= mask if int(f["mnt_id"], 16) == mnt_id else 0  # hex, unlike mountinfo
         elif "sdev" in f:
             everything |= mask if int(f["sdev"], 16) == sdev else 0
     return masks, everything
@@ -100,7 +100,10 @@ def scan(sdev: int, mnt_id: int, skip_pid: int | None = None) -> WatchSet:
                     text = f.read()
             except OSError:
                 continue
-            masks, everything = parse_fdinfo(text, sdev, mnt_id)
+            try:
+                masks, everything = parse_fdinfo(text, sdev, mnt_id)
+            except ValueError:
+                continue  # a line format this kernel version prints differently: not ours
             for nodeid, mask in masks.items():
                 ws.masks[nodeid] = ws.masks.get(nodeid, 0) | mask
             ws.everything |= everything

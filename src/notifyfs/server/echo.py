@@ -67,3 +67,8 @@ class EchoFilter:
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+#: reads the server makes on its own account (directory snapshots): every client's watcher drops
+#: the events they cause, not only the client on whose behalf they were made
+INTERNAL = EchoFilter()

@@ -775,10 +775,10 @@ class Passthrough(Filesystem):
     # --- remote events -------------------------------------------------------------------------
     def op_notifyfs_fsnotify(self, req: Request) -> bytes:
         """The guest's aggregated watch mask for one inode (the proposal's FUSE_FSNOTIFY)."""
-        self._inode(req.nodeid)
+        inode = self._inode(req.nodeid)
         if self.watcher is None:
             raise FuseError(errno.ENOSYS)
-        self.watcher.set_mask(req.nodeid, req.arg.mask if req.arg.action else 0)
+        self.watcher.set_mask(inode, req.arg.mask if req.arg.action else 0)
         return b""
 
     # --- lifetime ----------------------------------------------------------------------------
@@ -804,5 +804,6 @@ class Passthrough(Filesystem):
                                "handles": nh, "echo_suppressed": self.echo.suppressed}
         if self.watcher is not None:
             out.update(watches=self.watcher.watch_count, events_sent=self.watcher.sent,
-                       overflows=self.watcher.overflows)
+                       overflows=self.watcher.overflows, snapshots=len(self.watcher.snapshots),
+                       guest_watches=len(self.watcher.masks))
         return out

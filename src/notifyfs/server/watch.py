@@ -28,8 +28,8 @@ from .. import events
 from ..events import Entry, RemoteEvent
 from ..linux import fs as linux_fs
 from ..linux import inotify as ino
-from ..protocol import Attr
-from .echo import EchoFilter
+from ..protocol import Attr, inval_entry, inval_inode
+from .echo import INTERNAL, EchoFilter
 from .inodes import Inode, InodeTable
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class InotifyWatcher:
         self.overflows = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._run, name="inotify-watcher", daemon=True)
+        self.snapshots: dict[int, dict[bytes, tuple[int, ...]]] = {}
+        self._rescanning = False
         self._batch: list[ino.Event] = []
         self._later: dict[tuple[int, bytes], list[int]] = {}
         self._pos = 0
@@ -108,12 +110,103 @@ class InotifyWatcher:
             except OSError:
                 pass  # already gone with its directory
 
-    def set_mask(self, nodeid: int, mask: int) -> None:
+    def set_mask(self, inode: Inode, mask: int) -> None:
+        """What the guest watches on ``inode``. A watched directory gets a snapshot of its
+        listing, kept current from the events, to diff against after a queue overflow."""
         with self.lock:
             if mask:
-                self.masks[nodeid] = mask
+                self.masks[inode.nodeid] = mask
             else:
-                self.masks.pop(nodeid, None)
+                self.masks.pop(inode.nodeid, None)
+                self.snapshots.pop(inode.nodeid, None)
+                return
+            if not inode.is_dir or inode.nodeid in self.snapshots:
+                return
+        listing = self._listing(inode)
+        if listing is not None:
+            with self.lock:
+                self.snapshots[inode.nodeid] = listing
+
+    def _listing(self, inode: Inode) -> dict[bytes, tuple[int, ...]] | None:
+        """name -> (ino, type, size, mtime, ctime) of a directory, read without echoing the
+        reading itself (it opens the directory on the host) back to the guest."""
+        keys = [(inode.nodeid, b""), *self.table.names_of(inode.nodeid)]
+        token = INTERNAL.expect(keys, ino.IN_OPEN | ino.IN_ACCESS | ino.IN_CLOSE_NOWRITE)
+        try:
+            out: dict[bytes, tuple[int, ...]] = {}
+            with os.scandir(linux_fs.proc_path(inode.fd)) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    out[os.fsencode(e.name)] = _summary(st)
+            return out
+        except OSError:
+            return None
+        finally:
+            INTERNAL.done(token)
+
+    def _snap_update(self, nodeid: int, name: bytes) -> None:
+        with self.lock:
+            snap = self.snapshots.get(nodeid)
+        if snap is None or not name:
+            return
+        parent = self._parent(nodeid)
+        if parent is None:
+            return
+        try:
+            snap[name] = _summary(os.stat(name, dir_fd=parent.fd, follow_symlinks=False))
+        except OSError:
+            snap.pop(name, None)
+        finally:
+            self.table.release(parent)
+
+    def _rescan(self) -> None:
+        """After an overflow: diff every snapshotted directory against the host and send the
+        difference as events; invalidate everything else the guest may have cached."""
+        self._rescanning = True
+        try:
+            with self.lock:
+                snaps = list(self.snapshots.items())
+            for nodeid, old in snaps:
+                parent = self._parent(nodeid)
+                if parent is None:
+                    continue
+                try:
+                    new = self._listing(parent)
+                finally:
+                    self.table.release(parent)
+                if new is None:
+                    continue
+                with self.lock:
+                    self.snapshots[nodeid] = new
+                for name in sorted(old.keys() - new.keys()):
+                    isdir = ino.IN_ISDIR if old[name][1] == stat.S_IFDIR else 0
+                    self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
+                for name in sorted(new.keys() - old.keys()):
+                    isdir = ino.IN_ISDIR if new[name][1] == stat.S_IFDIR else 0
+                    self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
+                for name in sorted(new.keys() & old.keys()):
+                    a, b = old[name], new[name]
+                    isdir = ino.IN_ISDIR if b[1] == stat.S_IFDIR else 0
+                    if a[0] != b[0] or a[1] != b[1]:  # replaced by another inode
+                        self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
+                        self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
+                    elif a[2:4] != b[2:4]:
+                        self._content(nodeid, name, ino.Event(0, ino.IN_MODIFY | isdir, 0, name))
+                    elif a[4] != b[4]:
+                        self._content(nodeid, name, ino.Event(0, ino.IN_ATTRIB | isdir, 0, name))
+            # names and attributes the guest caches outside the watched directories
+            with self.table.lock:
+                names = list(self.table.names)
+                inodes = list(self.table.by_id)
+            for parent_id, name in names:
+                self.send(inval_entry(parent_id, name))
+            for nodeid in inodes:
+                self.send(inval_inode(nodeid))
+        finally:
+            self._rescanning = False
 
     @property
     def watch_count(self) -> int:
@@ -154,6 +247,8 @@ class InotifyWatcher:
                     batch.extend(self._read_batch()[1])
                 self._process(batch)
                 self.echo.expire(started)
+                # other connections' watchers need the server's own reads too: keep them a while
+                INTERNAL.expire(started - 2.0)
             except Exception:
                 log.exception("host watcher failed on a batch of events")
 
@@ -171,8 +266,9 @@ class InotifyWatcher:
             i += 1
             if ev.mask & ino.IN_Q_OVERFLOW:
                 self.overflows += 1
-                log.warning("host inotify queue overflowed")
+                log.warning("host inotify queue overflowed: rescanning what the guest watches")
                 self.send(events.overflow())
+                self._rescan()
                 continue
             if ev.mask & ino.IN_IGNORED:
                 with self.lock:
@@ -188,10 +284,12 @@ class InotifyWatcher:
             log.debug("host event %s %r on %d", ino.mask_names(ev.mask), ev.name, nodeid)
             if kind & _SELF_ONLY:
                 continue
+            if ev.name and kind & (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVE | _CONTENT):
+                self._snap_update(nodeid, ev.name)
             if not ev.name:
                 # events on a watched directory itself also arrive, with its name, on its parent's
                 # watch; only the export root has no parent here
-                if nodeid == 1 and kind & _CONTENT and not self.echo.match((1, b""), kind):
+                if nodeid == 1 and kind & _CONTENT and not self._echo((1, b""), kind):
                     self._content(nodeid, b"", ev)
                 continue
             if kind == ino.IN_MOVED_FROM:
@@ -201,7 +299,7 @@ class InotifyWatcher:
                     i += 1
                 self._move(nodeid, ev, to)
                 continue
-            if self.echo.match((nodeid, ev.name), kind):
+            if self._echo((nodeid, ev.name), kind):
                 continue
             if kind == ino.IN_MOVED_TO:
                 self._move(None, None, ev)
@@ -211,6 +309,9 @@ class InotifyWatcher:
                 self._delete(nodeid, ev)
             elif kind & _CONTENT:
                 self._content(nodeid, ev.name, ev)
+
+    def _echo(self, key: tuple[int, bytes], kind: int) -> bool:
+        return self.echo.match(key, kind) or INTERNAL.match(key, kind)
 
     def _parent(self, nodeid: int) -> Inode | None:
         try:
@@ -259,6 +360,8 @@ class InotifyWatcher:
 
     def _open_now(self, parent: Inode, name: bytes) -> int:
         """An O_PATH fd of what the current event calls ``name`` in ``parent``."""
+        if self._rescanning:
+            return self.lookup(parent, name)
         try:
             return self._open_where(parent, name)
         except FileNotFoundError:
@@ -442,3 +545,7 @@ class InotifyWatcher:
 
 def _asdict(attr: Attr) -> dict[str, int]:
     return {f: getattr(attr, f) for f in Attr.__slots__}  # type: ignore[attr-defined]
+
+
+def _summary(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_ino, stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
