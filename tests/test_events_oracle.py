@@ -154,15 +154,32 @@ def base(tmp_path: Path) -> Path:
     return tmp_path
 
 
+WATCHERS = ["inotify", "fanotify"]
+#: fanotify merges events on one object while they are queued: two getdents of one listing give
+#: one ACCESS, and a file's OPEN/ACCESS/CLOSE can be grouped ahead of later changes. Measured
+#: differences, kept visible (xfail, not skipped) so that a fix shows up as XPASS.
+FANOTIFY_MERGES = {"list-dir", "atomic-save", "rm-r-tree"}
+
+
+def _known_fanotify_difference(request: pytest.FixtureRequest, watcher: str, scn: Scenario) -> None:
+    if watcher == "fanotify" and scn.name in FANOTIFY_MERGES:
+        request.applymarker(pytest.mark.xfail(
+            reason="fanotify merges queued events on one object (see README, Limits)",
+            strict=False))
+
+
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("watcher", WATCHERS)
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("scn", SCENARIOS, ids=IDS)
-def test_remote_events_match_local(base: Path, scn: Scenario, mask_name: str) -> None:
+def test_remote_events_match_local(base: Path, scn: Scenario, mask_name: str,
+                                   watcher: str, request: pytest.FixtureRequest) -> None:
+    _known_fanotify_difference(request, watcher, scn)
     mask = MASKS[mask_name]
     local = run_local(scn, base, mask)
     (base / "src").mkdir()
     scn.setup(base / "src")
-    share = start_share(base / "src", base / "mnt")
+    share = start_share(base / "src", base / "mnt", "--watcher", watcher)
     try:
         remote = run_remote(scn, share.src, share.mnt, mask)
     finally:
@@ -171,15 +188,17 @@ def test_remote_events_match_local(base: Path, scn: Scenario, mask_name: str) ->
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("watcher", WATCHERS)
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize("scn", [s for s in SCENARIOS if not s.outside],
                          ids=[s.name for s in SCENARIOS if not s.outside])
-def test_changes_through_the_mount_have_no_echo(base: Path, scn: Scenario, mask_name: str) -> None:
+def test_changes_through_the_mount_have_no_echo(base: Path, scn: Scenario, mask_name: str,
+                                                watcher: str) -> None:
     mask = MASKS[mask_name]
     local = run_local(scn, base, mask)
     (base / "src").mkdir()
     scn.setup(base / "src")
-    share = start_share(base / "src", base / "mnt")
+    share = start_share(base / "src", base / "mnt", "--watcher", watcher)
     try:
         remote = run_remote(scn, share.src, share.mnt, mask, via_mount=True)
     finally:

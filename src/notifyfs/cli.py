@@ -40,8 +40,9 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--writeback", action="store_true",
                    help="allow the guest kernel's writeback cache (faster small writes)")
     p.add_argument("--workers", type=int, default=8, help="worker threads per connection")
-    p.add_argument("--watcher", choices=["auto", "inotify"], default="auto",
-                   help="how the server watches the host for remote events (auto: inotify)")
+    p.add_argument("--watcher", choices=["auto", "fanotify", "inotify"], default="auto",
+                   help="how the server watches the host for remote events (auto: inotify, "
+                        "exact order; fanotify: exact echo attribution, needs CAP_SYS_ADMIN)")
     p.add_argument("--no-events", action="store_true",
                    help="do not watch the host: agents get no remote events")
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                          _token(args.token_file), args.foreground)
         sopts = Options(read_only=args.read_only, squash=args.squash,
                         entry_timeout=args.entry_timeout, attr_timeout=args.attr_timeout,
-                        writeback=args.writeback, events=not args.no_events)
+                        writeback=args.writeback, events=not args.no_events,
+                        watcher=args.watcher)
         if args.command == "serve":
             from .server.run import serve
             return serve(args.export, args.listen, sopts, _token(args.token_file), args.workers)

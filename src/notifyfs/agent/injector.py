@@ -146,6 +146,7 @@ class Injector:
             if scripted is None:
                 if req.nodeid == self.hidden_nodeid:
                     return reply_error(req.unique, errno.ENOENT)
+                log.debug("injector: LOOKUP %r in %d goes to the server", name, req.nodeid)
                 return None
             return self._scripted(req, scripted)
         if op in (O.GETATTR, O.GETXATTR, O.LISTXATTR, O.READLINK, O.ACCESS, O.STATFS):
@@ -210,11 +211,17 @@ class Injector:
 
     def _dir_fd(self, nodeid: int, generation: int) -> int | None:
         if nodeid == abi.ROOT_ID:
-            return os.dup(self.root_fd)
+            return os.dup(self._root())
         try:
             return linux_fs.open_fuse_inode(self._anchor(), nodeid, generation, os.O_PATH)
         except OSError:
             return None  # not in the guest's inode cache: nothing there to notify or invalidate
+
+    def _root(self) -> int:
+        """An O_PATH fd of the mount's root, opened on first use while an event is handled."""
+        if self.root_fd < 0:
+            self.root_fd = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self.root_fd
 
     def _anchor(self) -> int:
         if self.anchor_fd < 0:
@@ -295,18 +302,14 @@ class Injector:
                 continue
             arrived, ev = item
             try:
-                # an fd on the mount only while working: a held one would make umount EBUSY
-                self.root_fd = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as e:
-                log.debug("injector: mount gone (%s)", e)
-                continue
-            try:
                 self._handle(arrived, ev)
             except Exception:
                 log.exception("injector: event %s failed", ino.mask_names(ev.mask))
             finally:
-                os.close(self.root_fd)
-                self.root_fd = -1
+                # fds on the mount only while working: a held one would make umount EBUSY
+                if self.root_fd >= 0:
+                    os.close(self.root_fd)
+                    self.root_fd = -1
                 if not self.pending and self.queue.empty():
                     self._idle()
 
@@ -540,7 +543,7 @@ class Injector:
 
     def _child_fd(self, ev: RemoteEvent) -> int | None:
         if not ev.name:
-            return os.dup(self.root_fd) if ev.inode == abi.ROOT_ID else None
+            return os.dup(self._root()) if ev.inode == abi.ROOT_ID else None
         dfd = self._dir_fd(ev.inode, ev.generation)
         if dfd is None:
             return None
@@ -552,8 +555,7 @@ class Injector:
             os.close(dfd)
 
     def _held_key(self, ev: RemoteEvent) -> tuple[int, bytes]:
-        if ev.entry is not None:
-            return (ev.entry.nodeid, b"")
+        # by name: whether the server could attach an entry differs from event to event
         return (ev.inode, ev.name)
 
     def _touch(self, arrived: float, ev: RemoteEvent, kind: int) -> None:

@@ -66,7 +66,13 @@ class Connection:
             self.fs.close()
             log.info("%s: disconnected", self.peer)
 
+    def _register_thread(self) -> None:
+        tids = getattr(self.fs, "worker_tids", None)
+        if tids is not None:
+            tids.add(threading.get_native_id())
+
     def _read(self) -> None:
+        self._register_thread()  # it answers some requests itself (FORGET, flock RELEASE)
         reader = wire.FrameReader(self.sock, wire.REQUEST_MIN)
         session = getattr(self.fs, "session", None)
         while True:
@@ -109,6 +115,7 @@ class Connection:
                 self.queue.put(req)
 
     def _work(self) -> None:
+        self._register_thread()
         while True:
             req = self.queue.get()
             if req is None:

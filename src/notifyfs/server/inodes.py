@@ -46,6 +46,7 @@ class Inode:
     nlookup: int = 0
     refs: int = 0
     dead: bool = False
+    handle: bytes = b""  # the host's file handle: how fanotify names this inode
     names: set[tuple[int, bytes]] = field(default_factory=set)  # (parent nodeid, name) seen
 
     @property
@@ -57,12 +58,13 @@ class Inode:
         return self.fmt == stat.S_IFLNK
 
 
-def _generation(fd: int) -> int:
+def _handle(fd: int) -> bytes:
+    """The host's file handle (type, then bytes) of the inode behind ``fd``; b"" if none."""
     try:
-        _htype, handle, _mnt = linux_fs.name_to_handle(fd)
+        htype, handle, _mnt = linux_fs.name_to_handle(fd)
     except OSError:
-        return 0
-    return zlib.crc32(handle)
+        return b""
+    return htype.to_bytes(4, "little", signed=True) + handle
 
 
 class InodeTable:
@@ -77,6 +79,8 @@ class InodeTable:
         self.root = root
         self.by_id: dict[int, Inode] = {ROOT_ID: root}
         self.by_key: dict[tuple[int, int], Inode] = {root.key: root}
+        root.handle = _handle(root_fd)
+        self.by_handle: dict[bytes, Inode] = {root.handle: root} if root.handle else {}
         #: the names under which the guest knows each inode: (parent nodeid, name) -> nodeid.
         #: Remote events need it: a host DELETE or MOVED_FROM names an inode that is gone.
         self.names: dict[tuple[int, bytes], int] = {}
@@ -102,6 +106,15 @@ class InodeTable:
                 if nodeid not in self.by_id:
                     break
         return nodeid
+
+    def acquire_handle(self, handle: bytes) -> Inode | None:
+        """The live inode with this host file handle, acquired; None if the guest lacks it."""
+        with self.lock:
+            inode = self.by_handle.get(handle)
+            if inode is None or inode.dead:
+                return None
+            inode.refs += 1
+            return inode
 
     def acquire(self, nodeid: int) -> Inode:
         """The live inode for ``nodeid`` with one more in-flight reference; ESTALE if unknown."""
@@ -133,16 +146,20 @@ class InodeTable:
             assert known is not None
             os.close(fd)
             return known
-        gen = _generation(fd)
+        handle = _handle(fd)
+        gen = zlib.crc32(handle[4:]) if handle else 0
         with self.lock:
             inode = self.by_key.get(key)
             if inode is not None and not inode.dead:  # another worker won the race
                 inode.nlookup += 1
             else:
                 nodeid = self._derive_nodeid(st.st_dev, st.st_ino)
-                inode = Inode(nodeid, fd, key, gen, stat.S_IFMT(st.st_mode), nlookup=1)
+                inode = Inode(nodeid, fd, key, gen, stat.S_IFMT(st.st_mode), nlookup=1,
+                              handle=handle)
                 self.by_id[nodeid] = inode
                 self.by_key[key] = inode
+                if handle:
+                    self.by_handle[handle] = inode
                 return inode
         os.close(fd)
         return inode
@@ -165,6 +182,8 @@ class InodeTable:
             del self.by_id[nodeid]
             if self.by_key.get(inode.key) is inode:
                 del self.by_key[inode.key]
+            if inode.handle and self.by_handle.get(inode.handle) is inode:
+                del self.by_handle[inode.handle]
             for key in inode.names:
                 if self.names.get(key) == nodeid:
                     del self.names[key]
@@ -245,6 +264,8 @@ class InodeTable:
             inodes = [i for i in self.by_id.values() if i.nodeid != ROOT_ID]
             self.by_id = {ROOT_ID: self.root}
             self.by_key = {self.root.key: self.root}
+            self.by_handle = {self.root.handle: self.root} if self.root.handle else {}
+            self.names = {}
             for i in inodes:
                 i.dead = True
         for i in inodes:

@@ -48,7 +48,7 @@ from ..linux import inotify as ino
 from .dispatch import Filesystem, FuseError, Notify
 from .echo import EchoFilter
 from .inodes import Inode, InodeTable
-from .watch import InotifyWatcher
+from .watch import InotifyWatcher, make_watcher
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class Options:
     attr_timeout: float = 1.0
     writeback: bool = False
     events: bool = True  # watch the host and send remote events to agents that want them
+    watcher: str = "auto"  # auto | fanotify | inotify
     max_watches: int = 1 << 20
 
 
@@ -88,13 +89,13 @@ _O = abi.Opcode
 _NAME_EVENTS = {
     _O.MKNOD: ino.IN_CREATE | ino.IN_ATTRIB, _O.MKDIR: ino.IN_CREATE | ino.IN_ATTRIB,
     _O.SYMLINK: ino.IN_CREATE | ino.IN_ATTRIB, _O.LINK: ino.IN_CREATE | ino.IN_ATTRIB,
-    _O.CREATE: ino.IN_CREATE | ino.IN_OPEN | ino.IN_ATTRIB,
+    _O.CREATE: ino.IN_CREATE | ino.IN_OPEN | ino.IN_ATTRIB | ino.IN_MODIFY,  # MODIFY: O_TRUNC
     _O.UNLINK: ino.IN_DELETE, _O.RMDIR: ino.IN_DELETE,
     _O.RENAME: ino.IN_MOVE, _O.RENAME2: ino.IN_MOVE,
 }
 #: ... and on the inode a request works on (every name the guest knows it by, and itself)
 _INODE_EVENTS = {
-    _O.READ: ino.IN_ACCESS, _O.WRITE: ino.IN_MODIFY, _O.OPEN: ino.IN_OPEN,
+    _O.READ: ino.IN_ACCESS, _O.WRITE: ino.IN_MODIFY, _O.OPEN: ino.IN_OPEN | ino.IN_MODIFY,
     _O.RELEASE: ino.IN_CLOSE, _O.SETATTR: ino.IN_ATTRIB | ino.IN_MODIFY | ino.IN_ACCESS,
     _O.SETXATTR: ino.IN_ATTRIB, _O.REMOVEXATTR: ino.IN_ATTRIB, _O.FALLOCATE: ino.IN_MODIFY,
     _O.COPY_FILE_RANGE: ino.IN_ACCESS | ino.IN_MODIFY, _O.OPENDIR: ino.IN_OPEN,
@@ -135,17 +136,20 @@ class Passthrough(Filesystem):
         self.is_root = os.geteuid() == 0
         self._local = threading.local()
         self.echo = EchoFilter()
+        #: the threads that serve this client (the connection fills it in): with fanotify, host
+        #: events caused by these threads are this client's own and never echoed to it
+        self.worker_tids: set[int] = set()
         self.watcher: InotifyWatcher | None = None
 
     def attach(self, notify: Notify, remote_events: bool) -> None:
         if not (self.options.events and remote_events):
             return
         o = self.options
-        self.watcher = InotifyWatcher(self.inodes, notify, self.echo, self._lookup_fd,
-                                      (o.entry_timeout, o.attr_timeout), o.max_watches)
+        self.watcher = make_watcher(o.watcher, self.inodes, notify, self.echo, self._lookup_fd,
+                                    (o.entry_timeout, o.attr_timeout), o.max_watches,
+                                    workers=lambda: self.worker_tids)
         self.inodes.on_dead = self.watcher.forgotten
         self.watcher.start()
-        log.info("remote events: watching the host with inotify")
 
     # --- bookkeeping -----------------------------------------------------------------------
     def handle(self, req: Request) -> bytes | None:

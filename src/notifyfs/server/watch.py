@@ -16,6 +16,7 @@ Lock order: ``InotifyWatcher.lock`` may be held while taking ``InodeTable.lock``
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -26,11 +27,12 @@ from collections.abc import Callable
 
 from .. import events
 from ..events import Entry, RemoteEvent
+from ..linux import fanotify as fan
 from ..linux import fs as linux_fs
 from ..linux import inotify as ino
 from ..protocol import Attr, inval_entry, inval_inode
 from .echo import INTERNAL, EchoFilter
-from .inodes import Inode, InodeTable
+from .inodes import ROOT_ID, Inode, InodeTable
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class InotifyWatcher:
         self.thread = threading.Thread(target=self._run, name="inotify-watcher", daemon=True)
         self.snapshots: dict[int, dict[bytes, tuple[int, ...]]] = {}
         self._rescanning = False
+        self._cookies = itertools.count(1)
         self._batch: list[ino.Event] = []
         self._later: dict[tuple[int, bytes], list[int]] = {}
         self._pos = 0
@@ -455,12 +458,12 @@ class InotifyWatcher:
     def _move(self, src_node: int | None, src: ino.Event | None, dst: ino.Event | None) -> None:
         """A rename, a move out of what the guest knows (``dst`` None) or into it (``src`` None).
         Echo: a rename the client made itself matches its expectation on the source name."""
-        if src is not None and self.echo.match((src_node or 0, src.name), ino.IN_MOVED_FROM):
+        if src is not None and self._echo((src_node or 0, src.name), ino.IN_MOVED_FROM):
             if dst is not None:
                 with self.lock:
                     dnode = self.wds.get(dst.wd)
                 if dnode is not None:
-                    self.echo.match((dnode, dst.name), ino.IN_MOVED_TO)
+                    self._echo((dnode, dst.name), ino.IN_MOVED_TO)
             return
         sparent = self._parent(src_node) if src_node is not None else None
         dnode = None
@@ -549,3 +552,189 @@ def _asdict(attr: Attr) -> dict[str, int]:
 
 def _summary(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_ino, stat.S_IFMT(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class FanotifyWatcher(InotifyWatcher):
+    """One filesystem mark on the export's filesystem, reporting file handles and thread ids.
+
+    Exact attribution: an event whose thread is one of this connection's workers is the echo of
+    the client's own request and is dropped; events of other clients' workers are delivered.
+    Objects are found by handle, so a name that was renamed since still finds its inode. The
+    kernel merges events on the same object that are still queued (OPEN, MODIFY and CLOSE_WRITE of
+    one write become one event); they are sent in the order the syscalls make them.
+    Covers the export's own filesystem (submounts inside the export are not seen).
+    """
+
+    MASK = (fan.FAN_ACCESS | fan.FAN_MODIFY | fan.FAN_ATTRIB | fan.FAN_CLOSE_WRITE
+            | fan.FAN_CLOSE_NOWRITE | fan.FAN_OPEN | fan.FAN_CREATE | fan.FAN_DELETE
+            | fan.FAN_RENAME | fan.FAN_ONDIR)
+    #: the order in which one syscall sequence produces the kinds a merged event may carry
+    ORDER = (ino.IN_CREATE, ino.IN_OPEN, ino.IN_ACCESS, ino.IN_MODIFY, ino.IN_ATTRIB,
+             ino.IN_CLOSE_WRITE, ino.IN_CLOSE_NOWRITE, ino.IN_DELETE)
+
+    def __init__(self, *args: object, workers: Callable[[], set[int]], **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.workers = workers  # the thread ids serving this client, for the echo filter
+        self.fan = fan.init(fan.FAN_CLASS_NOTIF | fan.FAN_REPORT_DFID_NAME | fan.FAN_REPORT_FID
+                            | fan.FAN_REPORT_TID | fan.FAN_CLOEXEC | fan.FAN_NONBLOCK)
+        root = self.table.root
+        self.mount_fd = os.open(linux_fs.proc_path(root.fd), os.O_RDONLY | os.O_DIRECTORY
+                                | os.O_CLOEXEC)
+        try:
+            fan.mark(self.fan, fan.FAN_MARK_ADD | fan.FAN_MARK_FILESYSTEM, self.MASK,
+                     linux_fs.proc_path(root.fd))
+        except OSError:
+            os.close(self.fan)
+            os.close(self.mount_fd)
+            raise
+        self._fid = b""
+        self.thread = threading.Thread(target=self._run_fan, name="fanotify-watcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.running = False
+        os.write(self._stop_w, b"x")
+        self.thread.join(timeout=5)
+        for fd in (self.fan, self.mount_fd, self._stop_r, self._stop_w):
+            os.close(fd)
+        self.inotify.close()
+
+    def watch(self, inode: Inode) -> None:
+        return  # the filesystem mark sees everything
+
+    def forgotten(self, inode: Inode) -> None:
+        return
+
+    @property
+    def watch_count(self) -> int:
+        return 1
+
+    def _echo(self, key: tuple[int, bytes], kind: int) -> bool:
+        return INTERNAL.match(key, kind)  # the client's own echoes are dropped by thread id
+
+    def _wd(self, nodeid: int) -> int:
+        # the shared event code speaks in inotify watch descriptors: here a nodeid is its own
+        with self.lock:
+            self.wds[nodeid] = nodeid
+            self.by_node[nodeid] = nodeid
+        return nodeid
+
+    def _open_now(self, parent: Inode, name: bytes) -> int:
+        if self._fid:
+            try:
+                return fan.open_by_handle(self.mount_fd, self._fid)
+            except OSError:
+                pass
+        return self.lookup(parent, name)
+
+    def _run_fan(self) -> None:
+        poller = select.poll()
+        poller.register(self.fan, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        mine = threading.get_native_id()
+        while self.running:
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            if not self.running or any(fd == self._stop_r for fd, _ in ready):
+                return
+            try:
+                started = time.monotonic()
+                batch: list[fan.Event] = []
+                while True:
+                    try:
+                        batch.extend(fan.parse_events(os.read(self.fan, READ_SIZE)))
+                    except BlockingIOError:
+                        break
+                workers = self.workers()
+                for ev in batch:
+                    if ev.tid == mine or ev.tid in workers:
+                        continue  # our own reads, or the echo of this client's requests
+                    self._fan_event(ev)
+                INTERNAL.expire(started - 2.0)
+            except Exception:
+                log.exception("fanotify watcher failed on a batch of events")
+
+    def _known(self, handle: bytes) -> int | None:
+        inode = self.table.acquire_handle(handle) if handle else None
+        if inode is None:
+            return None
+        self.table.release(inode)
+        return inode.nodeid
+
+    def _fan_event(self, ev: fan.Event) -> None:
+        if ev.mask & fan.FAN_Q_OVERFLOW:
+            self.overflows += 1
+            log.warning("host fanotify queue overflowed: rescanning what the guest watches")
+            self.send(events.overflow())
+            self._rescan()
+            return
+        isdir = ev.mask & fan.FAN_ONDIR
+        isdir_bit = ino.IN_ISDIR if isdir else 0
+        self._fid = ev.fid
+        try:
+            if ev.mask & fan.FAN_RENAME:
+                src = self._known(ev.old_dir_fid)
+                dst = self._known(ev.new_dir_fid)
+                if src is None and dst is None:
+                    return
+                cookie = next(self._cookies)
+                s_ev = (ino.Event(self._wd(src), ino.IN_MOVED_FROM | isdir_bit, cookie, ev.old_name)
+                        if src is not None else None)
+                d_ev = (ino.Event(self._wd(dst), ino.IN_MOVED_TO | isdir_bit, cookie, ev.new_name)
+                        if dst is not None else None)
+                for node, name in ((src, ev.old_name), (dst, ev.new_name)):
+                    if node is not None:
+                        self._snap_update(node, name)
+                self._move(src, s_ev, d_ev)
+                return
+            parent = self._known(ev.dir_fid)
+            if parent is not None and ev.name == b".":
+                # an event on a directory itself: fanotify names it "." in itself; the guest
+                # makes it from its parent's entry (and the export root has no parent here)
+                if any(self._echo((parent, b""), k) for k in self.ORDER if ev.mask & k):
+                    return
+                if parent == ROOT_ID:
+                    parent = None
+                else:
+                    names = self.table.names_of(parent)
+                    if not names:
+                        return
+                    parent, ev.name = names[0]
+                    ev.fid = ev.dir_fid
+            if parent is None:
+                if ev.fid and ev.fid == self.table.root.handle or ev.dir_fid == self.table.root.handle:
+                    for kind in self.ORDER:
+                        if ev.mask & kind & _CONTENT and not self._echo((1, b""), kind):
+                            self._content(1, b"", ino.Event(self._wd(1), kind | isdir_bit, 0, b""))
+                return
+            self._snap_update(parent, ev.name)
+            wd = self._wd(parent)
+            for kind in self.ORDER:
+                if not ev.mask & kind or self._echo((parent, ev.name), kind):
+                    continue
+                one = ino.Event(wd, kind | isdir_bit, 0, ev.name)
+                if kind == ino.IN_CREATE:
+                    self._create(parent, one)
+                elif kind == ino.IN_DELETE:
+                    self._delete(parent, one)
+                else:
+                    self._content(parent, ev.name, one)
+        finally:
+            self._fid = b""
+
+
+def make_watcher(kind: str, *args: object, workers: Callable[[], set[int]], **kw: object
+                 ) -> InotifyWatcher:
+    """``auto`` is inotify: its events come in exactly the order a local watcher sees them, which
+    the differential oracle confirms; fanotify merges queued events on one object (see
+    :class:`FanotifyWatcher`) and is chosen only when asked for."""
+    if kind == "fanotify":
+        w = FanotifyWatcher(*args, workers=workers, **kw)
+        log.info("remote events: watching the host with fanotify (filesystem mark)")
+        return w
+    log.info("remote events: watching the host with inotify")
+    return InotifyWatcher(*args, **kw)  # type: ignore[arg-type]
