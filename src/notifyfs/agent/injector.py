@@ -175,6 +175,9 @@ class Injector:
             return reply(req.unique, bytes(min(req.arg.size, 1)))
         if op in (O.READDIR, O.READDIRPLUS) and req.arg.fh in self.fake_fhs:
             return reply(req.unique)  # an empty listing: getdents still reports IN_ACCESS
+        if op == O.SETATTR and is_local(req.nodeid):
+            # a tombstone: the host name was gone before the server could describe it
+            return reply(req.unique, attr_out(self.local[req.nodeid], 0.0))
         key_nodeid = 0 if op == O.SETATTR else req.nodeid
         with self.lock:
             scripted = self.script.get((op, key_nodeid, name))
@@ -603,6 +606,8 @@ class Injector:
     def _open(self, arrived: float, ev: RemoteEvent) -> None:
         child = ev.entry.nodeid if ev.entry else 0
         fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
+        if not fmt and ev.name:
+            fmt = self._guest_type(ev)  # gone on the host already; the guest may still have it
         if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
             log.debug("OPEN of %r not injected (type %o)", ev.name, fmt)
             return
@@ -640,6 +645,17 @@ class Injector:
             if dfd is not None:
                 os.close(dfd)
 
+    def _guest_type(self, ev: RemoteEvent) -> int:
+        fd = self._child_fd(ev)
+        if fd is None:
+            return 0
+        try:
+            return stat.S_IFMT(os.fstat(fd).st_mode)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+
     def _close(self, arrived: float, ev: RemoteEvent, kind: int) -> None:
         key = self._held_key(ev)
         held = self.held.get(key)
@@ -654,6 +670,8 @@ class Injector:
             return
         child = ev.entry.nodeid if ev.entry else 0
         fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
+        if not fmt and ev.name:
+            fmt = self._guest_type(ev)
         if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
             return
         # the OPEN was not injected (the watch is newer than the open): open and close now, so

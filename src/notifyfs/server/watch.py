@@ -534,7 +534,10 @@ class InotifyWatcher:
                             st = os.fstat(fd)
                         finally:
                             os.close(fd)
-                        child_id, gen = 0, 0  # the guest does not know it: attributes only
+                        # the guest may know the inode under another name (a hard link)
+                        with self.table.lock:
+                            alias = self.table.by_key.get((st.st_dev, st.st_ino))
+                        child_id, gen = (alias.nodeid, alias.generation) if alias else (0, 0)
                     entry = events.make_entry(child_id, gen, Attr.from_stat(st),
                                               self.entry_timeout, self.attr_timeout)
                 except OSError as e:
