@@ -231,29 +231,36 @@ class InotifyWatcher:
                 raise
             out.extend(ino.parse_events(buf))
 
-    def _run(self) -> None:
+    def _loop(self, fd: int, on_ready: Callable[[], None]) -> None:
+        """The watcher thread: call ``on_ready`` whenever ``fd`` is readable, until closed."""
         poller = select.poll()
-        poller.register(self.inotify.fd, select.POLLIN)
+        poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
         while self.running:
             try:
                 ready = poller.poll()
             except InterruptedError:
                 continue
-            if not self.running or any(fd == self._stop_r for fd, _ in ready):
+            if not self.running or any(f == self._stop_r for f, _ in ready):
                 return
             try:
-                started, batch = self._read_batch()
-                if batch and batch[-1].mask & ino.IN_MOVED_FROM:
-                    # a rename queues MOVED_FROM and MOVED_TO together: give the second a moment
-                    time.sleep(0.001)
-                    batch.extend(self._read_batch()[1])
-                self._process(batch)
-                self.echo.expire(started)
-                # other connections' watchers need the server's own reads too: keep them a while
-                INTERNAL.expire(started - 2.0)
+                on_ready()
             except Exception:
                 log.exception("host watcher failed on a batch of events")
+
+    def _run(self) -> None:
+        self._loop(self.inotify.fd, self._inotify_batch)
+
+    def _inotify_batch(self) -> None:
+        started, batch = self._read_batch()
+        if batch and batch[-1].mask & ino.IN_MOVED_FROM:
+            # a rename queues MOVED_FROM and MOVED_TO together: give the second a moment
+            time.sleep(0.001)
+            batch.extend(self._read_batch()[1])
+        self._process(batch)
+        self.echo.expire(started)
+        # other connections' watchers need the server's own reads too: keep them a while
+        INTERNAL.expire(started - 2.0)
 
     # --- turning host events into remote events -------------------------------------------
     def _process(self, batch: list[ino.Event]) -> None:
@@ -591,6 +598,7 @@ class FanotifyWatcher(InotifyWatcher):
             os.close(self.mount_fd)
             raise
         self._fid = b""
+        self._mine = 0
         self.thread = threading.Thread(target=self._run_fan, name="fanotify-watcher", daemon=True)
 
     def start(self) -> None:
@@ -633,33 +641,23 @@ class FanotifyWatcher(InotifyWatcher):
         return self.lookup(parent, name)
 
     def _run_fan(self) -> None:
-        poller = select.poll()
-        poller.register(self.fan, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        mine = threading.get_native_id()
-        while self.running:
+        self._mine = threading.get_native_id()
+        self._loop(self.fan, self._fan_batch)
+
+    def _fan_batch(self) -> None:
+        started = time.monotonic()
+        batch: list[fan.Event] = []
+        while True:
             try:
-                ready = poller.poll()
-            except InterruptedError:
-                continue
-            if not self.running or any(fd == self._stop_r for fd, _ in ready):
-                return
-            try:
-                started = time.monotonic()
-                batch: list[fan.Event] = []
-                while True:
-                    try:
-                        batch.extend(fan.parse_events(os.read(self.fan, READ_SIZE)))
-                    except BlockingIOError:
-                        break
-                workers = self.workers()
-                for ev in batch:
-                    if ev.tid == mine or ev.tid in workers:
-                        continue  # our own reads, or the echo of this client's requests
-                    self._fan_event(ev)
-                INTERNAL.expire(started - 2.0)
-            except Exception:
-                log.exception("fanotify watcher failed on a batch of events")
+                batch.extend(fan.parse_events(os.read(self.fan, READ_SIZE)))
+            except BlockingIOError:
+                break
+        workers = self.workers()
+        for ev in batch:
+            if ev.tid == self._mine or ev.tid in workers:
+                continue  # our own reads, or the echo of this client's requests
+            self._fan_event(ev)
+        INTERNAL.expire(started - 2.0)
 
     def _known(self, handle: bytes) -> int | None:
         inode = self.table.acquire_handle(handle) if handle else None
