@@ -17,16 +17,21 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-Key = tuple[int, bytes]  # (directory nodeid, name); name b"" means the directory itself
+Key = tuple[int, bytes]
+#: kinds one request causes at most once (the others, MODIFY, ACCESS, ATTRIB, may repeat or be
+#: coalesced by the kernel, so they match until the expectation expires)
+ONE_SHOT = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200  # CLOSE_*, OPEN, MOVED_*, CREATE, DELETE  # (directory nodeid, name); name b"" means the directory itself
 
 
 @dataclass(eq=False)
 class Expectation:
     keys: frozenset[Key]
     mask: int
+    times: int = 1  # how often the request causes each ONE_SHOT kind
     done_at: float | None = None
+    seen: dict[int, int] = field(default_factory=dict)
 
 
 class EchoFilter:
@@ -36,8 +41,8 @@ class EchoFilter:
         self._ids = itertools.count(1)
         self.suppressed = 0
 
-    def expect(self, keys: list[Key], mask: int) -> int:
-        exp = Expectation(frozenset(keys), mask)
+    def expect(self, keys: list[Key], mask: int, times: int = 1) -> int:
+        exp = Expectation(frozenset(keys), mask, times)
         token = next(self._ids)
         with self.lock:
             self._live[token] = exp
@@ -54,6 +59,10 @@ class EchoFilter:
             for exp in self._live.values():
                 if kind & exp.mask and key in exp.keys:
                     self.suppressed += 1
+                    if kind & ONE_SHOT:  # a request makes `times` of these: later ones are not ours
+                        exp.seen[kind] = exp.seen.get(kind, 0) + 1
+                        if exp.seen[kind] >= exp.times:
+                            exp.mask &= ~kind
                     return True
         return False
 

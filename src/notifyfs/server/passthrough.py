@@ -226,12 +226,21 @@ class Passthrough(Filesystem):
         kinds = _NAME_EVENTS.get(op)
         if kinds is not None:
             keys = [(req.nodeid, req.names[0])]
+            times = 1
             if op in (O.RENAME, O.RENAME2):
                 keys.append((req.arg.newdir, req.names[1]))
-            return self.echo.expect(keys, kinds)
+                if op == O.RENAME2 and req.arg.flags & linux_fs.RENAME_EXCHANGE:
+                    times = 2  # two moves, one each way
+            return self.echo.expect(keys, kinds, times)
         kinds = _INODE_EVENTS.get(op)
         if kinds is None:
             return 0
+        if op == O.RELEASE:  # which close the host sees depends on how the file was opened
+            with self.lock:
+                h = self.handles.get(req.arg.fh)
+            if h is not None:
+                kinds = (ino.IN_CLOSE_NOWRITE if h.flags & os.O_ACCMODE == os.O_RDONLY
+                         else ino.IN_CLOSE_WRITE)
         nodes = [req.nodeid]
         if op == O.COPY_FILE_RANGE:
             nodes.append(req.arg.nodeid_out)
