@@ -19,10 +19,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-Key = tuple[int, bytes]
+Key = tuple[int, bytes]  # (directory nodeid, name); name b"" means the directory itself
 #: kinds one request causes at most once (the others, MODIFY, ACCESS, ATTRIB, may repeat or be
 #: coalesced by the kernel, so they match until the expectation expires)
-ONE_SHOT = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200  # CLOSE_*, OPEN, MOVED_*, CREATE, DELETE  # (directory nodeid, name); name b"" means the directory itself
+ONE_SHOT = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200  # CLOSE_*, OPEN, MOVED_*, CREATE, DELETE
 
 
 @dataclass(eq=False)
