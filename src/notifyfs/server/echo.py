@@ -35,7 +35,8 @@ class Expectation:
 
 
 class EchoFilter:
-    def __init__(self) -> None:
+    def __init__(self, consume: bool = True) -> None:
+        self.consume = consume  # False: many watchers match the same expectations
         self.lock = threading.Lock()
         self._live: dict[int, Expectation] = {}
         self._ids = itertools.count(1)
@@ -59,7 +60,7 @@ class EchoFilter:
             for exp in self._live.values():
                 if kind & exp.mask and key in exp.keys:
                     self.suppressed += 1
-                    if kind & ONE_SHOT:  # a request makes `times` of these: later ones are not ours
+                    if kind & ONE_SHOT and self.consume:  # `times` of these per request, no more
                         exp.seen[kind] = exp.seen.get(kind, 0) + 1
                         if exp.seen[kind] >= exp.times:
                             exp.mask &= ~kind
@@ -80,4 +81,4 @@ class EchoFilter:
 
 #: reads the server makes on its own account (directory snapshots): every client's watcher drops
 #: the events they cause, not only the client on whose behalf they were made
-INTERNAL = EchoFilter()
+INTERNAL = EchoFilter(consume=False)
