@@ -1,5 +1,6 @@
 """The injector: turns each remote event into the ordinary VFS call that makes the guest kernel
-generate exactly that event, so every unmodified watcher (inotify, fanotify, dnotify) sees it.
+generate exactly that event, so every unmodified watcher (inotify, fanotify; dnotify with
+``-o inject=all``, since its marks do not show in /proc) sees it.
 
 One injector thread per mount. For each event it first invalidates the names involved
 (FUSE_NOTIFY_INVAL_ENTRY, written from this thread, never from the /dev/fuse reader), then makes the
