@@ -161,17 +161,17 @@ WATCHERS = ["inotify", "fanotify"]
 FANOTIFY_MERGES = {"list-dir", "atomic-save", "rm-r-tree"}
 
 
-#: seen under load only (2 of about 10 runs with other tests running beside it): a directory
-#: removed by the injector is still referenced in the guest, so the guest kernel reports its
-#: DELETE_SELF and IGNORED after the parent's DELETE instead of before. Not yet explained.
+#: seen in some runs (more often under load): a directory removed by the injector is still
+#: referenced in the guest at that moment, so the guest kernel reports its DELETE_SELF and
+#: IGNORED after the parent's DELETE instead of before. Not yet explained.
 UNDER_LOAD = {"rm-r-tree"}
 
 
 def _known_fanotify_difference(request: pytest.FixtureRequest, watcher: str, scn: Scenario) -> None:
     if scn.name in UNDER_LOAD:
         request.applymarker(pytest.mark.xfail(
-            reason="DELETE_SELF of a removed directory can come after its parent's DELETE under "
-                   "load (see UNDER_LOAD)", strict=False))
+            reason="DELETE_SELF of a removed directory can come after its parent's DELETE "
+                   "(see UNDER_LOAD)", strict=False))
     if watcher == "fanotify" and scn.name in FANOTIFY_MERGES:
         request.applymarker(pytest.mark.xfail(
             reason="fanotify merges queued events on one object (see README, Limits)",
