@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,3 +115,32 @@ def share(tmp_path: Path) -> Iterator[Share]:
         yield s
     finally:
         s.stop()
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, ...]]:
+    """Every path under ``root``: type, mode, owner, size, links, mtime, ctime, content, xattrs."""
+    out: dict[str, tuple[Any, ...]] = {}
+
+    def one(p: str) -> None:
+        st = os.lstat(p)
+        xattrs: tuple[tuple[str, bytes], ...] = ()
+        if not stat.S_ISLNK(st.st_mode):
+            xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
+                                  for n in os.listxattr(p, follow_symlinks=False)))
+        content: bytes | None = None
+        if stat.S_ISREG(st.st_mode):
+            with open(p, "rb") as f:
+                content = f.read()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.fsencode(os.readlink(p))
+        out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                                         st.st_mtime_ns, st.st_ctime_ns, content, xattrs)
+
+    one(str(root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
+        for name in dirnames + filenames:
+            one(os.path.join(dirpath, name))
+    return out

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Share, can_mount, start_share
+from conftest import Share, can_mount, snapshot, start_share
 
 from notifyfs.linux import fs as linux_fs
 
@@ -39,33 +39,6 @@ INNER = b"real inner file\n"
 DECOY_INNER = b"decoy inner file\n"
 
 
-def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, ...]]:
-    """Every path under ``root``: type, mode, owner, size, links, mtime, ctime, content, xattrs."""
-    out: dict[str, tuple[Any, ...]] = {}
-
-    def one(p: str) -> None:
-        st = os.lstat(p)
-        xattrs: tuple[tuple[str, bytes], ...] = ()
-        if not stat.S_ISLNK(st.st_mode):
-            xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
-                                  for n in os.listxattr(p, follow_symlinks=False)))
-        content: bytes | None = None
-        if stat.S_ISREG(st.st_mode):
-            with open(p, "rb") as f:
-                content = f.read()
-        elif stat.S_ISLNK(st.st_mode):
-            content = os.fsencode(os.readlink(p))
-        out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
-                                         st.st_mtime_ns, st.st_ctime_ns, content, xattrs)
-
-    one(str(root))
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == str(root):
-            dirnames[:] = [d for d in dirnames if d not in skip]
-            filenames = [f for f in filenames if f not in skip]
-        for name in dirnames + filenames:
-            one(os.path.join(dirpath, name))
-    return out
 
 
 def make_tree(top: Path, secret: bytes, inner: bytes) -> None:
