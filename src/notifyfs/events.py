@@ -37,6 +37,8 @@ ENTRY = 1 << 0  # an entry follows
 COUNTED = 1 << 1  # ... and the server counted it in nlookup
 OLD = 1 << 2  # an entry of the removed / overwritten inode follows (counted)
 PAIRED = 1 << 3  # MOVED_FROM: the MOVED_TO with the same cookie comes next
+OPENED_FOR_READ = 1 << 4  # OPEN: the host's next event on it says it was opened to read ...
+OPENED_FOR_WRITE = 1 << 5  # ... or to write (neither: not known yet)
 
 FSNOTIFY_SET = 1
 FSNOTIFY_REMOVE = 0
@@ -62,6 +64,7 @@ class RemoteEvent:
     counted: bool = False
     old: Entry | None = None
     paired: bool = False
+    opened_for: int = 0  # OPEN: OPENED_FOR_READ, OPENED_FOR_WRITE or 0
 
 
 def _entry(raw: bytes) -> Entry:
@@ -83,6 +86,7 @@ def encode_event(ev: RemoteEvent) -> bytes:
         tail.append(ev.old.raw)
     if ev.paired:
         flags |= PAIRED
+    flags |= ev.opened_for & (OPENED_FOR_READ | OPENED_FOR_WRITE)
     parts.append(EXT.pack(ev.generation, ev.file_type, flags))
     parts.extend(tail)
     return notification(abi.NotifyCode.NOTIFYFS_EVENT, *parts)
@@ -120,7 +124,8 @@ def decode_event(payload: bytes) -> RemoteEvent:
     if pos != len(payload):
         raise ProtocolError("stray bytes after remote event")
     return RemoteEvent(head.inode, generation, head.mask, head.cookie, name, file_type, entry,
-                       bool(flags & COUNTED), old, bool(flags & PAIRED))
+                       bool(flags & COUNTED), old, bool(flags & PAIRED),
+                       flags & (OPENED_FOR_READ | OPENED_FOR_WRITE))
 
 
 def overflow() -> bytes:

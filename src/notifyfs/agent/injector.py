@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import abi
-from ..events import Entry, RemoteEvent, decode_event
+from ..events import OPENED_FOR_WRITE, Entry, RemoteEvent, decode_event
 from ..linux import fs as linux_fs
 from ..linux import inotify as ino
 from ..protocol import Attr, ProtocolError, Request, attr_out, inval_entry, inval_inode, reply, reply_error
@@ -618,8 +618,11 @@ class Injector:
             return self._held_key(e) == same and e.mask & (
                 ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE | ino.IN_ACCESS) != 0
 
-        nxt = self._peek_for(later, LOOKAHEAD_SECONDS)
-        writable = nxt is not None and nxt.mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE) != 0
+        if ev.opened_for:  # the server saw what came next on the host
+            writable = ev.opened_for == OPENED_FOR_WRITE
+        else:
+            nxt = self._peek_for(later, LOOKAHEAD_SECONDS)
+            writable = nxt is not None and nxt.mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE) != 0
         dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
         if ev.name and dfd is None:
             return

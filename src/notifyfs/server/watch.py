@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 WATCH_MASK = ino.IN_ALL_EVENTS | ino.IN_ONLYDIR
 #: events the guest kernel makes itself from the injected calls: never forwarded
 _SELF_ONLY = ino.IN_DELETE_SELF | ino.IN_MOVE_SELF
+#: what follows an OPEN and tells how the file was opened
+_USE = ino.IN_MODIFY | ino.IN_ACCESS | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE
 _CONTENT = (ino.IN_MODIFY | ino.IN_ATTRIB | ino.IN_ACCESS | ino.IN_OPEN | ino.IN_CLOSE_WRITE
             | ino.IN_CLOSE_NOWRITE)
 READ_SIZE = 1 << 20
@@ -69,6 +71,7 @@ class InotifyWatcher:
         self._cookies = itertools.count(1)
         self._batch: list[ino.Event] = []
         self._later: dict[tuple[int, bytes], list[int]] = {}
+        self._uses: dict[tuple[int, bytes], list[int]] = {}
         self._pos = 0
 
     def start(self) -> None:
@@ -268,6 +271,7 @@ class InotifyWatcher:
         # already have been renamed or removed on the host (the inode is found where it is now)
         self._batch = batch
         self._later = {}
+        self._uses = {}
         self._index(0)
         i = 0
         while i < len(batch):
@@ -335,6 +339,21 @@ class InotifyWatcher:
             e = self._batch[j]
             if e.mask & (ino.IN_MOVED_FROM | ino.IN_DELETE):
                 self._later.setdefault((e.wd, e.name), []).append(j)
+            if e.mask & _USE:
+                self._uses.setdefault((e.wd, e.name), []).append(j)
+
+    def _opened_for(self, wd: int, name: bytes) -> int:
+        """For the OPEN being processed: what the host's next event on the same file says about
+        how it was opened (the agent must open it the same way: the close depends on it)."""
+        for attempt in range(2):
+            for j in self._uses.get((wd, name), ()):
+                if j > self._pos:
+                    mask = self._batch[j].mask
+                    return (events.OPENED_FOR_WRITE if mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE)
+                            else events.OPENED_FOR_READ)
+            if attempt or self._rescanning or not self._read_more():
+                break
+        return 0
 
     def _read_more(self) -> bool:
         """Append what the host queued since this batch was read (the rename or removal that
@@ -516,7 +535,7 @@ class InotifyWatcher:
                 if p is not None:
                     self.table.release(p)
 
-    def _content(self, nodeid: int, name: bytes, ev: ino.Event) -> None:
+    def _content(self, nodeid: int, name: bytes, ev: ino.Event, opened_for: int = -1) -> None:
         parent = self._parent(nodeid)
         if parent is None:
             return
@@ -550,8 +569,11 @@ class InotifyWatcher:
                 except OSError as e:
                     log.debug("no attributes for %r: %s", name, e)
                     entry = None
+            if opened_for < 0:
+                opened_for = self._opened_for(ev.wd, ev.name) if ev.mask & ino.IN_OPEN else 0
             self._emit(RemoteEvent(nodeid, parent.generation, ev.mask, 0, name,
-                                   self._file_type(entry, ev.mask), entry, False))
+                                   self._file_type(entry, ev.mask), entry, False,
+                                   opened_for=opened_for))
         finally:
             self.table.release(parent)
 
@@ -722,8 +744,11 @@ class FanotifyWatcher(InotifyWatcher):
                     self._create(parent, one)
                 elif kind == ino.IN_DELETE:
                     self._delete(parent, one)
-                else:
-                    self._content(parent, ev.name, one)
+                else:  # a merged event says how the file was opened, if it says anything
+                    hint = (events.OPENED_FOR_WRITE if ev.mask & (fan.FAN_MODIFY | fan.FAN_CLOSE_WRITE)
+                            else events.OPENED_FOR_READ
+                            if ev.mask & (fan.FAN_ACCESS | fan.FAN_CLOSE_NOWRITE) else 0)
+                    self._content(parent, ev.name, one, hint)
         finally:
             self._fid = b""
 
