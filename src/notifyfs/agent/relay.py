@@ -481,6 +481,8 @@ class Relay:
         log.error("%s: failing %d request(s) in flight and unmounting", reason, len(pending))
         for unique in pending:
             self._write_dev(reply_error(unique, errno.EIO))
+        if self.injector is not None:
+            self.injector.stop(timeout=2.0)  # out of the mount before this process ends
         try:
             self.unmount(lazy=True)
         except OSError as e:
