@@ -16,14 +16,14 @@ import tempfile
 import time
 
 from .linux import inotify as ino
+from .linux.mount import mount_id
 
 MASK = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MODIFY | ino.IN_ATTRIB | ino.IN_CLOSE_WRITE
         | ino.IN_MOVED_FROM | ino.IN_MOVED_TO)
 
 
 def _mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
+    return mount_id(path) >= 0
 
 
 class _Watcher:

@@ -40,6 +40,7 @@ from .. import abi
 from ..events import OPENED_FOR_WRITE, Entry, RemoteEvent, decode_event
 from ..linux import fs as linux_fs
 from ..linux import inotify as ino
+from ..linux.mount import mount_id
 from ..protocol import Attr, ProtocolError, Request, attr_out, inval_entry, inval_inode, reply, reply_error
 from . import watchset
 
@@ -288,7 +289,7 @@ class Injector:
         try:
             st = os.stat(self.mountpoint)
             self.sdev = watchset.kernel_dev(st.st_dev)
-            self.mnt_id = watchset.mount_id(self.mountpoint)
+            self.mnt_id = mount_id(self.mountpoint)
             self._rescan()
         except OSError as e:
             log.error("injector cannot start: %s", e)

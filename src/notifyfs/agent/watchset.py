@@ -62,18 +62,6 @@ def kernel_dev(st_dev: int) -> int:
     return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
-def mount_id(path: str) -> int:
-    """The mount id (first field of /proc/self/mountinfo) of the topmost mount at ``path``."""
-    real = os.path.realpath(path)
-    found = -1
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == real:
-                found = int(fields[0])
-    return found
-
-
 def scan(sdev: int, mnt_id: int, skip_pid: int | None = None) -> WatchSet:
     ws = WatchSet(started=time.monotonic())
     try:

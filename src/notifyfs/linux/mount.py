@@ -60,3 +60,16 @@ def fusermount(target: str, options: str) -> int:
         if theirs.fileno() >= 0:
             theirs.close()
 
+
+
+def mount_id(path: str) -> int:
+    """The mount id (first field of /proc/self/mountinfo) of the topmost mount at ``path``;
+    -1 if nothing is mounted there."""
+    real = os.path.realpath(path)
+    found = -1
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == real:
+                found = int(fields[0])
+    return found
