@@ -1,20 +1,21 @@
 """fanotify with file-handle reporting: constants, a parser for the event stream (no I/O), and
-thin wrappers for fanotify_init / fanotify_mark / open_by_handle_at."""
+thin wrappers for fanotify_init / fanotify_mark. Handles are kept as reported: type (4 bytes,
+native order) then the handle bytes."""
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from .libc import check
+from .libc import libc as _libc
+
 _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
                                 ctypes.c_char_p]
-_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 
 FAN_CLOEXEC = 0x1
 FAN_NONBLOCK = 0x2
@@ -105,26 +106,8 @@ def parse_events(buf: bytes) -> Iterator[Event]:
 
 
 def init(flags: int, event_flags: int = os.O_RDONLY) -> int:
-    fd = _libc.fanotify_init(flags, event_flags)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fanotify_init: {os.strerror(err)}")
-    return int(fd)
+    return check(_libc.fanotify_init(flags, event_flags), "fanotify_init")
 
 
 def mark(fd: int, flags: int, mask: int, path: str) -> None:
-    if _libc.fanotify_mark(fd, flags, mask, -100, os.fsencode(path)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fanotify_mark: {os.strerror(err)}", path)
-
-
-def open_by_handle(mount_fd: int, handle: bytes, flags: int = os.O_PATH) -> int:
-    """Open a handle as reported in events (type, then bytes)."""
-    (htype,) = struct.unpack_from("=i", handle)
-    body = handle[4:]
-    buf = ctypes.create_string_buffer(struct.pack("=Ii", len(body), htype) + body)
-    fd = _libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
-    return int(fd)
+    check(_libc.fanotify_mark(fd, flags, mask, -100, os.fsencode(path)), "fanotify_mark", path)

@@ -4,11 +4,12 @@ AT_EMPTY_PATH, fallocate, name_to_handle_at. Each raises OSError like the os mod
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from .libc import check as _check
+from .libc import libc as _libc
+
 _libc.syscall.restype = ctypes.c_long
 
 SYS_openat2 = 437
@@ -30,13 +31,6 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 MAX_HANDLE_SZ = 128
-
-
-def _check(res: int, what: str, path: str | bytes | None = None) -> int:
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", path)
-    return res
 
 
 def _b(name: str | bytes) -> bytes:
@@ -123,12 +117,17 @@ _libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 FUSE_HANDLE_TYPE = 0x81  # fuse_encode_fh: u32 nodeid >> 32, u32 nodeid & 0xffffffff, u32 generation
 
 
-def open_fuse_inode(mount_fd: int, nodeid: int, generation: int, flags: int = os.O_PATH) -> int:
-    """Open the guest's cached FUSE inode ``nodeid`` by its file handle (needs
-    CAP_DAC_READ_SEARCH); ESTALE when the guest kernel does not have the inode any more."""
-    body = struct.pack("=III", nodeid >> 32, nodeid & 0xFFFFFFFF, generation & 0xFFFFFFFF)
-    buf = ctypes.create_string_buffer(struct.pack("=Ii", len(body), FUSE_HANDLE_TYPE) + body)
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = os.O_PATH) -> int:
+    """open_by_handle_at (needs CAP_DAC_READ_SEARCH); ``mount_fd`` must not be an O_PATH fd."""
+    buf = ctypes.create_string_buffer(struct.pack("=Ii", len(handle), handle_type) + handle)
     return _check(_libc.open_by_handle_at(mount_fd, buf, flags | os.O_CLOEXEC), "open_by_handle_at")
+
+
+def open_fuse_inode(mount_fd: int, nodeid: int, generation: int, flags: int = os.O_PATH) -> int:
+    """Open the guest's cached FUSE inode ``nodeid`` by its file handle; ESTALE when the guest
+    kernel does not have the inode any more."""
+    body = struct.pack("=III", nodeid >> 32, nodeid & 0xFFFFFFFF, generation & 0xFFFFFFFF)
+    return open_by_handle(mount_fd, FUSE_HANDLE_TYPE, body, flags)
 
 
 def parse_fuse_handle(hexbytes: str) -> tuple[int, int]:

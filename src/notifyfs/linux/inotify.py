@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from .libc import check
+from .libc import libc as _libc
+
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 
@@ -77,23 +78,14 @@ def parse_events(buf: bytes) -> Iterator[Event]:
 
 class Inotify:
     def __init__(self, flags: int = IN_CLOEXEC) -> None:
-        fd = _libc.inotify_init1(flags)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.fd = fd
+        self.fd = check(_libc.inotify_init1(flags), "inotify_init1")
 
     def add_watch(self, path: str | bytes, mask: int) -> int:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_add_watch: {os.strerror(err)}", path)
-        return int(wd)
+        return check(_libc.inotify_add_watch(self.fd, os.fsencode(path), mask),
+                     "inotify_add_watch", path)
 
     def rm_watch(self, wd: int) -> None:
-        if _libc.inotify_rm_watch(self.fd, wd) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_rm_watch: {os.strerror(err)}")
+        check(_libc.inotify_rm_watch(self.fd, wd), "inotify_rm_watch")
 
     def read(self, size: int = 1 << 16) -> list[Event]:
         return list(parse_events(os.read(self.fd, size)))

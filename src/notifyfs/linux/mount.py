@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import array
 import ctypes
-import ctypes.util
 import os
 import shutil
 import socket
 import subprocess
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+from .libc import check
+from .libc import libc as _libc
+
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -24,15 +25,12 @@ MNT_DETACH = 2
 
 
 def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode()) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}", target)
+    check(_libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode()),
+          f"mount {target}", target)
 
 
 def umount(target: str, flags: int = 0) -> None:
-    if _libc.umount2(os.fsencode(target), flags) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}", target)
+    check(_libc.umount2(os.fsencode(target), flags), f"umount {target}", target)
 
 
 def fusermount(target: str, options: str) -> int:

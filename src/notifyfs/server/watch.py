@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -657,7 +658,8 @@ class FanotifyWatcher(InotifyWatcher):
     def _open_now(self, parent: Inode, name: bytes) -> int:
         if self._fid:
             try:
-                return fan.open_by_handle(self.mount_fd, self._fid)
+                (htype,) = struct.unpack_from("=i", self._fid)
+                return linux_fs.open_by_handle(self.mount_fd, htype, self._fid[4:])
             except OSError:
                 pass
         return self.lookup(parent, name)
