@@ -149,6 +149,21 @@ def _compare(local: list, remote: list) -> None:  # type: ignore[type-arg]
            if a is not None or b is not None])
 
 
+def _check_against_local(base: Path, scn: Scenario, mask: int, watcher: str,
+                         via_mount: bool) -> None:
+    """Run ``scn`` locally, then on a fresh share (setup made on the host before mounting),
+    changing the host side or, ``via_mount``, the mount itself; the events must be equal."""
+    local = run_local(scn, base, mask)
+    (base / "src").mkdir()
+    scn.setup(base / "src")
+    share = start_share(base / "src", base / "mnt", "--watcher", watcher)
+    try:
+        remote = run_remote(scn, share.src, share.mnt, mask, via_mount=via_mount)
+    finally:
+        share.stop()
+    _compare(local, remote)
+
+
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
     return tmp_path
@@ -185,16 +200,7 @@ def _known_fanotify_difference(request: pytest.FixtureRequest, watcher: str, scn
 def test_remote_events_match_local(base: Path, scn: Scenario, mask_name: str,
                                    watcher: str, request: pytest.FixtureRequest) -> None:
     _known_fanotify_difference(request, watcher, scn)
-    mask = MASKS[mask_name]
-    local = run_local(scn, base, mask)
-    (base / "src").mkdir()
-    scn.setup(base / "src")
-    share = start_share(base / "src", base / "mnt", "--watcher", watcher)
-    try:
-        remote = run_remote(scn, share.src, share.mnt, mask)
-    finally:
-        share.stop()
-    _compare(local, remote)
+    _check_against_local(base, scn, MASKS[mask_name], watcher, via_mount=False)
 
 
 @pytest.mark.timeout(60)
@@ -204,13 +210,4 @@ def test_remote_events_match_local(base: Path, scn: Scenario, mask_name: str,
                          ids=[s.name for s in SCENARIOS if not s.outside])
 def test_changes_through_the_mount_have_no_echo(base: Path, scn: Scenario, mask_name: str,
                                                 watcher: str) -> None:
-    mask = MASKS[mask_name]
-    local = run_local(scn, base, mask)
-    (base / "src").mkdir()
-    scn.setup(base / "src")
-    share = start_share(base / "src", base / "mnt", "--watcher", watcher)
-    try:
-        remote = run_remote(scn, share.src, share.mnt, mask, via_mount=True)
-    finally:
-        share.stop()
-    _compare(local, remote)
+    _check_against_local(base, scn, MASKS[mask_name], watcher, via_mount=True)
