@@ -67,12 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="export a directory to agents (the host side)")
     p.add_argument("export")
-    p.add_argument("--listen", required=True, metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
+    p.add_argument("--listen", required=True, metavar="ADDR",
+                   help="unix:PATH, tcp:HOST:PORT, vsock:any:PORT, or virtio-serial:PATH (the unix "
+                        "socket a QEMU virtio-serial chardev connects to)")
     p.add_argument("--token-file", metavar="PATH", help="shared secret (else $NOTIFYFS_TOKEN)")
     _server_args(p)
 
     p = sub.add_parser("mount", help="mount a served export (the guest side)")
-    p.add_argument("address", help="unix:PATH or tcp:HOST:PORT")
+    p.add_argument("address", help="unix:PATH, tcp:HOST:PORT, vsock:CID:PORT (vsock:host:PORT), "
+                                   "or virtio-serial:NAME (a VM's port)")
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--token-file", metavar="PATH", help="shared secret (else $NOTIFYFS_TOKEN)")

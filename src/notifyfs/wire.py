@@ -16,14 +16,18 @@ followed by the server closing the connection.
 from __future__ import annotations
 
 import errno
+import glob
 import hmac
 import ipaddress
 import os
+import select
 import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import abi
 from .protocol import MAX_FRAME, ProtocolError, split_frames
@@ -50,17 +54,31 @@ class HandshakeError(Exception):
     """The peer is not a notifyfs peer, speaks another version, or refused us."""
 
 
+#: ``vsock:any:PORT`` listens for every context id (VMADDR_CID_ANY)
+VSOCK_CID_ANY = 0xFFFFFFFF
+#: the host's context id as seen from a guest
+VSOCK_CID_HOST = 2
+#: where Linux lists virtio-serial ports (no udev needed): <dir>/vportNpM/name
+VIRTIO_PORTS = "/sys/class/virtio-ports"
+
+
 @dataclass(frozen=True)
 class Address:
-    kind: str  # "unix" | "tcp"
+    """``unix``, ``tcp``, ``vsock`` (host = the context id) or ``virtio-serial``.
+
+    ``virtio-serial:X`` means the port named X when an agent connects, and the unix socket X that
+    QEMU's ``-chardev socket,path=X`` connects to when a server listens.
+    """
+
+    kind: str
     path: str = ""
     host: str = ""
     port: int = 0
 
     def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        return f"tcp:{self.host}:{self.port}"
+        if self.kind in ("unix", "virtio-serial"):
+            return f"{self.kind}:{self.path}"
+        return f"{self.kind}:{self.host}:{self.port}"
 
     @property
     def is_loopback(self) -> bool:
@@ -74,23 +92,43 @@ class Address:
             return False
 
 
+ADDRESS_FORMS = "unix:PATH, tcp:HOST:PORT, vsock:CID:PORT or virtio-serial:NAME"
+
+
 def parse_address(text: str) -> Address:
-    """``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6)."""
+    """``unix:PATH``, ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6), ``vsock:CID:PORT`` (CID a
+    number, ``host`` for 2 or ``any`` to listen on every CID) or ``virtio-serial:NAME``."""
     kind, sep, rest = text.partition(":")
     if not sep or not rest:
-        raise ValueError(f"bad address {text!r}: expected unix:PATH or tcp:HOST:PORT")
-    if kind == "unix":
-        return Address("unix", path=rest)
-    if kind == "tcp":
+        raise ValueError(f"bad address {text!r}: expected {ADDRESS_FORMS}")
+    if kind in ("unix", "virtio-serial"):
+        return Address(kind, path=rest)
+    if kind in ("tcp", "vsock"):
         host, sep, port = rest.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad address {text!r}: expected tcp:HOST:PORT")
-        return Address("tcp", host=host.strip("[]"), port=int(port))
-    raise ValueError(f"bad address {text!r}: unknown kind {kind!r} (unix, tcp)")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < (
+                65536 if kind == "tcp" else 1 << 32):
+            what = "HOST" if kind == "tcp" else "CID"
+            raise ValueError(f"bad address {text!r}: expected {kind}:{what}:PORT")
+        if kind == "tcp":
+            return Address("tcp", host=host.strip("[]"), port=int(port))
+        cid = {"any": VSOCK_CID_ANY, "host": VSOCK_CID_HOST}.get(host)
+        if cid is None:
+            if not host.isdigit() or int(host) >= 1 << 32:
+                raise ValueError(f"bad address {text!r}: the vsock CID is a number, host or any")
+            cid = int(host)
+        return Address("vsock", host=str(cid), port=int(port))
+    raise ValueError(f"bad address {text!r}: unknown kind {kind!r} ({ADDRESS_FORMS})")
 
 
 def listen(addr: Address, token: bytes | None) -> socket.socket:
-    if addr.kind == "unix":
+    if addr.kind == "vsock":
+        # every VM on this host can reach a host vsock port: the token is what tells them apart
+        if not token:
+            raise ValueError(f"refusing to listen on {addr} without a token "
+                             "(--token-file or NOTIFYFS_TOKEN): every guest on the host can connect")
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((int(addr.host), addr.port))
+    elif addr.kind in ("unix", "virtio-serial"):  # virtio-serial: QEMU's chardev connects here
         try:
             st = os.lstat(addr.path)
         except FileNotFoundError:
@@ -119,7 +157,94 @@ def listen(addr: Address, token: bytes | None) -> socket.socket:
     return sock
 
 
-def connect(addr: Address, timeout: float = 10.0) -> socket.socket:
+class Stream(Protocol):
+    """What the framing and the handshake need of a connection: a socket or a :class:`PortStream`."""
+
+    def recv(self, n: int, /) -> bytes: ...
+    def sendall(self, data: bytes, /) -> None: ...
+    def settimeout(self, timeout: float | None, /) -> None: ...
+    def close(self) -> None: ...
+    def fileno(self) -> int: ...
+
+
+class PortStream:
+    """A virtio-serial port (a character device, not a socket) with the socket calls wire.py uses.
+
+    The guest kernel blocks writes while nothing is connected on the host side of the port, and
+    a read returns end of file when the host side goes away (virtio_console's read and write).
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.timeout: float | None = None
+        self._closed = False
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout
+
+    def _wait(self, events: int) -> None:
+        if self.timeout is None:
+            return
+        deadline = time.monotonic() + self.timeout
+        poller = select.poll()
+        poller.register(self.fd, events)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"virtio-serial port {self.name}: timed out")
+            ready = poller.poll(left * 1000)
+            if any(ev & (events | select.POLLERR) for _, ev in ready):
+                return
+            if ready:  # only POLLHUP: the host side is not connected yet (QEMU reconnects)
+                time.sleep(min(0.1, left))
+
+    def recv(self, n: int) -> bytes:
+        self._wait(select.POLLIN)
+        return os.read(self.fd, n)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(select.POLLOUT)
+            view = view[os.write(self.fd, view):]  # the driver takes at most 32 KiB at a time
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+def find_virtio_port(name: str, root: str = VIRTIO_PORTS) -> str:
+    """The device node of the virtio-serial port called ``name`` (``/dev/vportNpM``)."""
+    for entry in sorted(glob.glob(os.path.join(root, "*", "name"))):
+        try:
+            with open(entry) as f:
+                if f.read().strip() != name:
+                    continue
+        except OSError:
+            continue
+        return os.path.join("/dev", os.path.basename(os.path.dirname(entry)))
+    raise FileNotFoundError(errno.ENOENT, f"no virtio-serial port named {name!r} in {root}")
+
+
+def connect(addr: Address, timeout: float = 10.0) -> Stream:
+    if addr.kind == "virtio-serial":
+        path = find_virtio_port(addr.path)
+        return PortStream(os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY), addr.path)
+    if addr.kind == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((int(addr.host), addr.port))
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
     if addr.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     else:
@@ -133,8 +258,10 @@ def connect(addr: Address, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
-def tune(sock: socket.socket) -> None:
+def tune(sock: Stream) -> None:
     """Large buffers: a 1 MiB WRITE should not need many round trips through the socket."""
+    if not isinstance(sock, socket.socket):
+        return
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
@@ -144,7 +271,7 @@ def tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: Stream, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -154,7 +281,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _read_hello(sock: socket.socket) -> tuple[int, int, int, bytes]:
+def _read_hello(sock: Stream) -> tuple[int, int, int, bytes]:
     raw = _recv_exact(sock, _HELLO.size)
     magic, version, word, features, n = _HELLO.unpack(raw)
     if magic != MAGIC:
@@ -163,7 +290,7 @@ def _read_hello(sock: socket.socket) -> tuple[int, int, int, bytes]:
     return version, word, features, tail
 
 
-def client_handshake(sock: socket.socket, token: bytes | None, features: int) -> int:
+def client_handshake(sock: Stream, token: bytes | None, features: int) -> int:
     """Agent side: returns the features both sides support."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     try:
@@ -181,9 +308,13 @@ def client_handshake(sock: socket.socket, token: bytes | None, features: int) ->
     return agreed
 
 
-def server_handshake(sock: socket.socket, token: bytes | None, features: int) -> int:
-    """Server side: check the agent's hello; returns the agreed features or raises."""
-    sock.settimeout(HANDSHAKE_TIMEOUT)
+def server_handshake(sock: Stream, token: bytes | None, features: int,
+                     wait_forever: bool = False) -> int:
+    """Server side: check the agent's hello; returns the agreed features or raises.
+
+    ``wait_forever`` is for virtio-serial: QEMU connects the port's chardev when the VM starts,
+    long before the guest's agent speaks."""
+    sock.settimeout(None if wait_forever else HANDSHAKE_TIMEOUT)
     try:
         version, _reserved, theirs, their_token = _read_hello(sock)
 
@@ -209,7 +340,7 @@ def server_handshake(sock: socket.socket, token: bytes | None, features: int) ->
 class FrameReader:
     """Reads whole frames from a stream socket."""
 
-    def __init__(self, sock: socket.socket, min_len: int) -> None:
+    def __init__(self, sock: Stream, min_len: int) -> None:
         self.sock = sock
         self.min_len = min_len
         self.buf = bytearray()
@@ -236,7 +367,7 @@ class FrameReader:
 class FrameWriter:
     """Writes whole frames; safe to call from many threads."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Stream) -> None:
         self.sock = sock
         self.lock = threading.Lock()
 

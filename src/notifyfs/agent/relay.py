@@ -23,7 +23,6 @@ import errno
 import logging
 import os
 import queue
-import socket
 import stat
 import struct
 import threading
@@ -168,7 +167,7 @@ def open_fuse_device() -> int:
 
 
 class Relay:
-    def __init__(self, sock: socket.socket, mountpoint: str, options: MountOptions,
+    def __init__(self, sock: wire.Stream, mountpoint: str, options: MountOptions,
                  features: int = 0) -> None:
         self.sock = sock
         self.mountpoint = mountpoint

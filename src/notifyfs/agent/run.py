@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 
 from .. import wire
@@ -39,19 +38,43 @@ def run_relay(relay: Relay) -> int:
     return code
 
 
+#: a virtio-serial port outlives agents: see _connect
+PORT_ATTEMPTS = 3
+
+
+def _connect(addr: wire.Address, token: bytes | None, features: int) -> tuple[wire.Stream, int]:
+    """Connect and handshake; returns the stream and the agreed features.
+
+    A virtio-serial port is one byte stream for the VM's lifetime, and the server cannot tell
+    that an earlier agent on it has gone: it takes our hello for that agent's garbage and closes
+    the connection. QEMU reconnects (``reconnect=1``), so over a port a failed handshake is
+    retried on a freshly opened port (opening it drops whatever the old session left unread).
+    """
+    attempts = PORT_ATTEMPTS if addr.kind == "virtio-serial" else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            sock = wire.connect(addr)
+        except OSError as e:
+            raise MountError(f"cannot connect to {addr}: {e.strerror or e}") from None
+        wire.tune(sock)
+        try:
+            return sock, wire.client_handshake(sock, token, features)
+        except (wire.HandshakeError, OSError) as e:
+            sock.close()
+            if attempt == attempts or "refused" in str(e):
+                raise MountError(f"{addr}: {e}") from None
+            log.info("%s: handshake failed (%s); trying again", addr, e)
+    raise AssertionError("unreachable")
+
+
 def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | None,
           foreground: bool) -> int:
     mountpoint = check_mountpoint(mountpoint)
-    addr = wire.parse_address(address)
     try:
-        sock = wire.connect(addr)
-    except OSError as e:
-        raise MountError(f"cannot connect to {address}: {e.strerror or e}") from None
-    wire.tune(sock)
-    try:
-        features = wire.client_handshake(sock, token, agent_features(options))
-    except wire.HandshakeError as e:
-        raise MountError(f"{address}: {e}") from None
+        addr = wire.parse_address(address)
+    except ValueError as e:
+        raise MountError(str(e)) from None
+    sock, features = _connect(addr, token, agent_features(options))
     relay = Relay(sock, mountpoint, options, features)
     relay.mount()
     if not foreground and os.fork() > 0:
@@ -65,7 +88,7 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
     return run_relay(relay)
 
 
-def relay_over(sock: socket.socket, mountpoint: str, options: MountOptions,
+def relay_over(sock: wire.Stream, mountpoint: str, options: MountOptions,
                token: bytes | None) -> Relay:
     """Handshake on an already connected socket and mount (used by ``share``)."""
     features = wire.client_handshake(sock, token, agent_features(options))

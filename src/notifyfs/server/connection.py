@@ -26,7 +26,7 @@ _NO_REPLY = (*_INLINE, abi.Opcode.INTERRUPT)  # never answered, even when malfor
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, fs: Filesystem, workers: int = 8,
+    def __init__(self, sock: wire.Stream, fs: Filesystem, workers: int = 8,
                  max_pending: int = 256, peer: str = "agent", features: int = 0) -> None:
         self.sock = sock
         self.fs = fs
@@ -150,14 +150,16 @@ class Server:
         self.token = token
         self.features = features
         self.workers = workers
+        #: wait for ever for the agent's hello (a VM's serial port is connected at boot)
+        self.wait_for_hello = False
         self.connections: set[Connection] = set()
         self.lock = threading.Lock()
 
-    def serve_socket(self, sock: socket.socket, peer: str) -> None:
+    def serve_socket(self, sock: wire.Stream, peer: str) -> None:
         """Handshake and serve one connected socket (blocks until it closes)."""
         wire.tune(sock)
         try:
-            agreed = wire.server_handshake(sock, self.token, self.features)
+            agreed = wire.server_handshake(sock, self.token, self.features, self.wait_for_hello)
         except (wire.HandshakeError, OSError) as e:
             log.warning("%s: handshake failed: %s", peer, e)
             sock.close()

@@ -46,6 +46,8 @@ def serve(export: str, listen: str, options: Options, token: bytes | None, worke
         listener = wire.listen(addr, token)
     except (OSError, ValueError) as e:
         raise ServeError(f"cannot listen on {listen}: {e}") from None
+    if addr.kind == "virtio-serial":
+        server.wait_for_hello = True  # QEMU connects at boot; the guest's agent speaks later
     log.info("serving %s on %s", export, addr)
     stop = threading.Event()
 
@@ -58,7 +60,7 @@ def serve(export: str, listen: str, options: Options, token: bytes | None, worke
                      name="accept").start()
     stop.wait()
     listener.close()
-    if addr.kind == "unix":
+    if addr.kind in ("unix", "virtio-serial"):
         try:
             os.unlink(addr.path)
         except OSError:
