@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGUSR1, write the server's and agent's counters there as JSON")
 
     sub.add_parser("demo", help="share a temporary directory and show it working")
+
+    from .bench.run import add_arguments
+    p = sub.add_parser("bench", help="measure event latency, throughput, watch scale and the data "
+                                     "path against local disk, polling, touch forwarding and sshfs")
+    add_arguments(p)
     return parser
 
 
@@ -114,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     from .server.run import ServeError
 
     try:
+        if args.command == "bench":
+            from .bench.run import run
+            return run(args)
         if args.command == "demo":
             from .demo import demo
             return demo()
