@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 pkgs=(fuse3 inotify-tools attr git gcc libc6-dev linux-libc-dev python3 python3-venv python3-pip)
+# the VM tests (tests/vm): QEMU (with virtiofsd), and what builds the guest image
+pkgs+=(qemu-system-x86 debootstrap e2fsprogs)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
