@@ -23,12 +23,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import oracle as oracle_mod
 import pytest
 import vm_image
 from test_events_oracle import SCENARIOS, UNDER_LOAD
@@ -40,6 +42,7 @@ from vm_shared import (
     VSOCK_PORT,
     Channel,
     client_script,
+    same,
     tree,
 )
 
@@ -83,6 +86,12 @@ class VmRun:
     done: bool = False
     problem: str = ""
     vsock: bool = False
+    #: for the scenarios where notifyfs differs from the guest's kernel: this host kernel's own
+    #: events for the same scenario (what the server saw and relayed)
+    host_local: dict[str, list[Any]] = field(default_factory=dict)
+
+    def as_host_kernel(self, name: str, remote: list[Any] | None) -> bool:
+        return name in self.host_local and same(self.host_local[name], remote)
 
     def where(self) -> str:
         return (f"guest console, server/agent/virtiofsd/QEMU logs and results.json are in "
@@ -261,7 +270,7 @@ def _boot(run: VmRun, image: vm_image.Image, export: Path) -> None:
 
 #: the guest's scenario directories, made before the VM boots (the agent mounts after them, as in
 #: tests/test_events_oracle.py): one per mount, echo, second agent, vsock
-PREFIXES = (*MOUNTS, "echo", "again", "vsock")
+PREFIXES = (*MOUNTS, "retry", "echo", "again", "vsock")
 
 
 def prepare(export: Path) -> None:
@@ -275,35 +284,6 @@ def prepare(export: Path) -> None:
             (export / f"{client}-{fs}").mkdir()
 
 
-def canonical(events: list[Any] | None) -> list[Any] | None:
-    """Events with each run of consecutive DELETEs in one directory sorted by name.
-
-    ``rm -r`` (shutil.rmtree) removes a directory's entries in readdir order, and two ext4
-    file systems (the host's export, the guest's local disk) hash names differently: the
-    order of those deletions says nothing about the share.
-    """
-    if events is None:
-        return None
-    out: list[Any] = []
-    run: list[Any] = []
-    for ev in [*events, None]:
-        if ev is not None and ev[1] == "DELETE" and (not run or run[0][0] == ev[0]):
-            run.append(ev)
-            continue
-        out.extend(sorted(run, key=lambda e: e[2]))
-        run = []
-        if ev is not None:
-            if ev[1] == "DELETE":
-                run.append(ev)
-            else:
-                out.append(ev)
-    return out
-
-
-def same(local: list[Any] | None, remote: list[Any] | None) -> bool:
-    return local is not None and canonical(local) == canonical(remote)
-
-
 def scenario_table(run: VmRun) -> str:
     """Markdown: events a guest watcher received per scenario, for host-side changes."""
     oracle = run.phases.get("oracle", {}).get("data") or {}
@@ -311,7 +291,7 @@ def scenario_table(run: VmRun) -> str:
              "|---|---|---|---|---|"]
     totals = dict.fromkeys(("local", *MOUNTS), 0)
 
-    def cell(row: dict[str, Any], fs: str) -> str:
+    def cell(name: str, row: dict[str, Any], fs: str) -> str:
         got = row.get(fs)
         if got is None:
             return "error"
@@ -319,11 +299,15 @@ def scenario_table(run: VmRun) -> str:
         if fs == "local":
             return str(len(got))
         if fs == "notifyfs":
-            return f"{len(got)}" + (" (same)" if same(row["local"], got) else " (differs)")
+            verdict = "same" if same(row["local"], got) else (
+                "as the host kernel" if run.as_host_kernel(name, got) else "differs")
+            if "notifyfs_first" in row:
+                verdict += " on the 2nd try"
+            return f"{len(got)} ({verdict})"
         return str(len(got))
 
     for name, row in oracle.items():
-        lines.append(f"| {name} | " + " | ".join(cell(row, fs) for fs in ("local", *MOUNTS)) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(name, row, fs) for fs in ("local", *MOUNTS)) + " |")
     lines.append("| **total** | " + " | ".join(f"**{totals[fs]}**" for fs in ("local", *MOUNTS))
                  + " |")
     return "\n".join(lines) + "\n"
@@ -346,9 +330,15 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmRun]:
     prepare(export)
     run.timings["start"] = time.monotonic()
     _boot(run, image, export)
+    for name, row in ((run.phases.get("oracle") or {}).get("data") or {}).items():
+        if row.get("local") is not None and not same(row["local"], row["notifyfs"]):
+            base = Path(tempfile.mkdtemp(prefix=f"host-{name}-", dir=art))
+            # JSON turns the tuples into lists, as the guest's results arrived
+            run.host_local[name] = json.loads(json.dumps(
+                oracle_mod.run_local(SCN[name], base, oracle_mod.ALL)))
     (art / "results.json").write_text(json.dumps(
-        {"hello": run.hello, "phases": run.phases, "timings": run.timings, "problem": run.problem},
-        indent=1))
+        {"hello": run.hello, "phases": run.phases, "timings": run.timings, "problem": run.problem,
+         "host_local": run.host_local}, indent=1))
     (art / "table.md").write_text(scenario_table(run))
     print(f"\nVM run: image {run.timings['image']:.0f} s, guest run {run.timings['total']:.0f} s; "
           f"artifacts in {art}")
@@ -385,13 +375,24 @@ def test_host_changes_give_the_local_kernels_events_in_the_guest(vm: VmRun) -> N
     broken = {name: row["local_error"] for name, row in oracle.items() if row.get("local_error")}
     assert not broken, f"the local (oracle) run failed in the guest: {broken}\n{vm.where()}"
     bad = {name: row for name, row in oracle.items() if not same(row["local"], row["notifyfs"])}
-    hard = {n: r for n, r in bad.items() if n not in UNDER_LOAD}
+    # the host's kernel and the guest's can give different events for one system call (Linux
+    # 6.1 reports the truncation of open(O_TRUNC) as a MODIFY before the OPEN, later kernels do
+    # not): notifyfs relays what the host's kernel reported
+    kernels = {n for n, r in bad.items() if vm.as_host_kernel(n, r["notifyfs"])}
+    hard = {n: r for n, r in bad.items() if n not in UNDER_LOAD and n not in kernels}
     report = "\n".join(f"{name}: (local | notifyfs)\n{_diff(row['local'], row['notifyfs'])}"
                        + (f"\n  {row['notifyfs_error']}" if row.get("notifyfs_error") else "")
                        for name, row in bad.items())
-    assert not hard, f"events differ in the VM:\n{report}\n{vm.where()}"
+    retried = {name: row["notifyfs_first"] for name, row in oracle.items() if "notifyfs_first" in row}
+    if retried:  # visible in the output and the table, not a failure: see vm_guest.run_oracle
+        print("\ndiffered on the first try, same on the second:\n" + "\n".join(
+            f"{name}:\n{_diff(oracle[name]['local'], first)}" for name, first in retried.items()
+            if name not in bad))
+    assert not hard, f"events differ in the VM (twice):\n{report}\n{vm.where()}"
     if bad:
-        pytest.xfail(f"known ordering difference (see test_events_oracle.UNDER_LOAD):\n{report}")
+        pytest.xfail("differences that are the host kernel's events "
+                     f"({sorted(kernels)}, host {os.uname().release}, guest {vm.hello.get('kernel')}) "
+                     f"or known (test_events_oracle.UNDER_LOAD):\n{report}")
 
 
 def test_guest_changes_reach_the_host_without_echo(vm: VmRun) -> None:

@@ -31,6 +31,7 @@ from vm_shared import (  # noqa: E402
     VSOCK_PORT,
     Channel,
     client_script,
+    same,
     tree,
 )
 
@@ -143,11 +144,23 @@ def run_oracle(ch: Channel, locals_: dict[str, Path]) -> dict[str, Any]:
             except Exception as e:  # a failing mount is a result of the comparison, not the end
                 row[fs] = None
                 row[f"{fs}_error"] = f"{type(e).__name__}: {e}"
+        if not same(local, row["notifyfs"]):
+            # once more on a fresh directory: a difference that comes and goes is timing (the
+            # host is shared and the guest emulated), and the results keep both tries
+            row["notifyfs_first"] = row["notifyfs"]
+            try:
+                row["notifyfs"] = remote_events(ch, MOUNTS["notifyfs"], scn, f"retry-{scn.name}")
+            except Exception as e:
+                row["notifyfs"] = None
+                row["notifyfs_error"] = f"{type(e).__name__}: {e}"
         log(f"oracle {scn.name}: local {len(local)}, " + ", ".join(
             f"{fs} {'error' if row[fs] is None else len(row[fs])}" for fs in MOUNTS)
-            + ("" if row["notifyfs"] == local else "  NOTIFYFS DIFFERS"))
-        if row["notifyfs"] != local:
-            remote = row["notifyfs"] or []
+            + ("" if same(local, row["notifyfs"]) else "  NOTIFYFS DIFFERS")
+            + (" (after a retry)" if "notifyfs_first" in row else ""))
+        for first_or_last in (row.get("notifyfs_first"), row["notifyfs"]):
+            if same(local, first_or_last) or first_or_last is None and "notifyfs_first" not in row:
+                continue
+            remote = first_or_last or []
             for i in range(max(len(local), len(remote))):
                 a = local[i] if i < len(local) else None
                 b = remote[i] if i < len(remote) else None
@@ -265,7 +278,7 @@ LIVE_SETUP = ("write-existing", "append", "truncate-down", "chmod", "chown", "se
 def run_live_setup(ch: Channel) -> dict[str, Any]:
     out = one_scenario(ch, MOUNTS["notifyfs"], "live", LIVE_SETUP, live_setup=True)
     for name, row in out.items():
-        log(f"live setup {name}: {'same' if row['local'] == row['remote'] else 'DIFFERS'}")
+        log(f"live setup {name}: {'same' if same(row['local'], row['remote']) else 'DIFFERS'}")
     return out
 
 
