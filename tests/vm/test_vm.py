@@ -201,6 +201,8 @@ def _boot(run: VmRun, image: vm_image.Image, export: Path) -> None:
     agent_sock, vfs_sock, ctl_sock = art / "agent.sock", art / "virtiofs.sock", art / "control.sock"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     procs: list[subprocess.Popen[bytes]] = []
+    for leftover in (agent_sock, vfs_sock, ctl_sock):  # from an earlier boot attempt
+        leftover.unlink(missing_ok=True)
 
     def start(name: str, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         out = open(art / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it; closed below)
@@ -235,7 +237,9 @@ def _boot(run: VmRun, image: vm_image.Image, export: Path) -> None:
             "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MB}M,share=on",
             "-numa", "node,memdev=mem",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet",
+            # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can
+            # fail and panic at boot (seen here)
+            "-append", "console=ttyS0 panic=-1 quiet no_timer_check",
             "-drive", f"file={image.rootfs},if=virtio,format=raw,snapshot=on",
             "-fsdev", f"local,id=src,path={REPO},security_model=none,readonly=on",
             "-device", "virtio-9p-pci,fsdev=src,mount_tag=src",
@@ -328,8 +332,17 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmRun]:
     export = art / "export"
     export.mkdir()
     prepare(export)
-    run.timings["start"] = time.monotonic()
-    _boot(run, image, export)
+    for attempt in (1, 2):
+        run.timings["start"] = time.monotonic()
+        _boot(run, image, export)
+        if run.hello or attempt == 2:
+            break
+        # the guest never reached its driver (a boot failure, not a test result): keep what it
+        # printed and boot once more
+        os.rename(art / "console.log", art / "console-boot1.log")
+        print(f"\nthe guest did not boot ({run.problem}); booting again; see {art}/console-boot1.log")
+        run.problem = ""
+        run.timings["failed_boot"] = time.monotonic() - run.timings["start"]
     for name, row in ((run.phases.get("oracle") or {}).get("data") or {}).items():
         if row.get("local") is not None and not same(row["local"], row["notifyfs"]):
             base = Path(tempfile.mkdtemp(prefix=f"host-{name}-", dir=art))
@@ -389,10 +402,11 @@ def test_host_changes_give_the_local_kernels_events_in_the_guest(vm: VmRun) -> N
             f"{name}:\n{_diff(oracle[name]['local'], first)}" for name, first in retried.items()
             if name not in bad))
     assert not hard, f"events differ in the VM (twice):\n{report}\n{vm.where()}"
-    if bad:
-        pytest.xfail("differences that are the host kernel's events "
-                     f"({sorted(kernels)}, host {os.uname().release}, guest {vm.hello.get('kernel')}) "
-                     f"or known (test_events_oracle.UNDER_LOAD):\n{report}")
+    if kernels:  # exactly the host kernel's events: shown, not a failure
+        print(f"\nas the host kernel ({os.uname().release}; guest {vm.hello.get('kernel')}), "
+              f"not as the guest's: {sorted(kernels)}")
+    if set(bad) - kernels:
+        pytest.xfail(f"known ordering difference (see test_events_oracle.UNDER_LOAD):\n{report}")
 
 
 def test_guest_changes_reach_the_host_without_echo(vm: VmRun) -> None:
