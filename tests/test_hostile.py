@@ -328,8 +328,8 @@ def test_handshake_bad_token(env: Env) -> None:
     c.alive()
 
 
-def test_handshake_truncated_silent_and_garbage(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT", 0.5)
+def test_handshake_truncated_silent_and_garbage(env: Env) -> None:
+    env.server.handshake_timeout = 0.5
     attempts = [
         b"",  # says nothing at all
         b"notif",  # half a magic
@@ -347,6 +347,47 @@ def test_handshake_truncated_silent_and_garbage(env: Env, monkeypatch: pytest.Mo
         t.join(5)
         assert not t.is_alive(), f"handshake with {data[:16]!r} hangs"
         sock.close()
+    env.connect().alive()
+
+
+def test_handshake_time_limit_is_total(env: Env) -> None:
+    """A peer that trickles its hello a byte at a time (each within any per-read timeout) is cut
+    off when the whole handshake's time is up, not kept for ever."""
+    env.server.handshake_timeout = 1.0
+    sock, t = env.raw_connect()
+    hello = HELLO_FMT.pack(wire.MAGIC, wire.VERSION, 0, 0, 200) + b"t" * 200
+    start = time.monotonic()
+    sent = 0
+    try:
+        while sent < len(hello) and time.monotonic() - start < 6:
+            sock.sendall(hello[sent:sent + 1])
+            sent += 1
+            time.sleep(0.2)
+    except OSError:
+        pass  # the server closed the connection: what we want
+    t.join(5)
+    assert not t.is_alive()
+    assert time.monotonic() - start < 4, "the handshake limit is per read, not total"
+    assert sent < len(hello)
+    sock.close()
+    env.connect().alive()
+
+
+def test_too_many_connections_refused(env: Env) -> None:
+    """Past --max-connections a new agent is refused with a clear message (handshaking peers count
+    too); the connected agents are still served and a slot frees when one leaves."""
+    env.server.max_connections = 3
+    a, b = env.connect(), env.connect()
+    idle, t = env.raw_connect()  # connected, never says hello: holds a slot while it handshakes
+    assert wait(lambda: env.server.active == 3)
+    with pytest.raises(wire.HandshakeError, match="too many connections"):
+        env.connect()
+    assert env.server.refused == 1
+    a.alive()
+    b.alive()
+    idle.close()
+    t.join(15)
+    assert wait(lambda: env.server.active == 2)
     env.connect().alive()
 
 
@@ -378,6 +419,26 @@ def test_bad_init_then_good(env: Env) -> None:
     assert c.raw_err(Opcode.INIT, 0, b"\x07\0\0\0") == errno.EINVAL  # truncated
     c.init()
     c.init()  # a second INIT is answered too
+    c.alive()
+
+
+def test_requests_before_init(env: Env) -> None:
+    """A kernel sends nothing before INIT is answered: a client that does gets EIO for each
+    request (no reply for FORGET/INTERRUPT), a failed INIT does not open the session either, and
+    nothing is touched; a good INIT afterwards works."""
+    c = env.connect(do_init=False)
+    assert c.getattr(1) == errno.EIO
+    assert c.err(Opcode.LOOKUP, 1, names=(b"hello",)) == errno.EIO
+    assert c.err(Opcode.MKDIR, 1, abi.MKDIR_IN, names=(b"early",), mode=0o755) == errno.EIO
+    assert c.err(Opcode.CREATE, 1, abi.CREATE_IN, names=(b"early",), flags=os.O_RDWR,
+                 mode=0o100644) == errno.EIO
+    c.forget(1, 1)
+    c.send(Opcode.INTERRUPT, 0, abi.INTERRUPT_IN, unique=12345)
+    assert c.err(Opcode.INIT, 0, abi.INIT_IN, major=7, minor=20) == errno.EPROTO
+    assert c.getattr(1) == errno.EIO
+    c.init()
+    assert c.getattr(1) == 0
+    assert not (env.export / "early").exists()
     c.alive()
 
 
@@ -884,6 +945,90 @@ def test_unparsable_stream_closes_connection(env: Env, case: str) -> None:
     good.alive()
 
 
+# --- huge sizes and per-agent limits ---------------------------------------------------------------
+
+def test_huge_reads_and_writes(env: Env) -> None:
+    """Sizes and offsets no kernel sends: errors or short answers, never a giant allocation."""
+    c = env.connect()
+    fnode, _ = c.lookup(1, b"hello")
+    dnode, _ = c.lookup(1, b"dir")
+    fh = c.open(fnode, os.O_RDWR)
+    dfh = c.opendir(dnode)
+    assert c.read(fnode, fh, size=0xFFFFFFFF).error == errno.EINVAL
+    assert c.read(fnode, fh, size=MAX_WRITE + 1).error == errno.EINVAL
+    r = c.read(fnode, fh, size=MAX_WRITE)  # the largest allowed: only what the file has
+    assert r.error == 0 and r.payload == HELLO
+    r = c.read(fnode, fh, size=4096, offset=(1 << 63) - 1)
+    assert r.error in (0, errno.EINVAL) and r.payload == b""
+    assert c.read(fnode, fh, size=4096, offset=(1 << 64) - 1).error == errno.EINVAL
+    w = abi.WRITE_IN
+    assert c.raw_err(Opcode.WRITE, fnode, w.pack(fh=fh, offset=(1 << 64) - 10, size=3) + b"abc") \
+        == errno.EINVAL
+    assert c.raw_err(Opcode.WRITE, fnode, w.pack(fh=fh, offset=1 << 62, size=3) + b"abc") \
+        == errno.EFBIG
+    assert c.err(Opcode.FALLOCATE, fnode, abi.FALLOCATE_IN, fh=fh, offset=0,
+                 length=1 << 62) in (errno.EFBIG, errno.ENOSPC, errno.EOPNOTSUPP)
+    assert c.err(Opcode.SETATTR, fnode, abi.SETATTR_IN, valid=abi.FATTR_SIZE,
+                 size=(1 << 64) - 1) in (errno.EINVAL, errno.EFBIG)
+    r = c.call(Opcode.READDIR, dnode, abi.READ_IN, fh=dfh, size=0xFFFFFFFF)
+    assert r.error == 0 and len(r.payload) <= MAX_WRITE
+    r = c.call(Opcode.GETXATTR, fnode, abi.GETXATTR_IN, names=(b"user.none",), size=0xFFFFFFFF)
+    assert r.error == errno.ENODATA
+    r = c.call(Opcode.LISTXATTR, fnode, abi.GETXATTR_IN, size=0xFFFFFFFF)
+    assert r.error == 0
+    assert os.path.getsize(env.export / "hello") == len(HELLO)
+    c.alive()
+
+
+def test_per_agent_limits(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """An agent that looks up or opens without end hits its own limits (ENFILE for inodes,
+    EMFILE for open files), logged; another agent is unaffected; forgetting and releasing make
+    room again."""
+    from notifyfs.server.passthrough import Options
+
+    opts = Options(max_inodes=40, max_handles=15)
+    env.server.make_fs = lambda: Passthrough(str(env.export), opts)
+    for i in range(60):
+        (env.export / f"f{i:02d}").write_bytes(b"x")
+    greedy = env.connect()
+    other = env.connect()
+    got: list[int] = []
+    errors = []
+    for i in range(60):
+        r = greedy.call(Opcode.LOOKUP, 1, names=(f"f{i:02d}".encode(),))
+        if r.error:
+            errors.append(r.error)
+        else:
+            got.append(abi.ENTRY_OUT.unpack_from(r.payload).nodeid)
+    assert 35 <= len(got) <= 41 and set(errors) == {errno.ENFILE}, (len(got), set(errors))
+    # a name it already holds is still found (no new inode)
+    assert greedy.call(Opcode.LOOKUP, 1, names=(b"f00",)).error == 0
+    other.alive()  # its own table, its own limits
+    fhs = []
+    for _ in range(30):
+        r = greedy.call(Opcode.OPEN, got[0], abi.OPEN_IN, flags=os.O_RDONLY)
+        if r.error:
+            assert r.error == errno.EMFILE
+        else:
+            fhs.append(abi.OPEN_OUT.unpack_from(r.payload).fh)
+    assert len(fhs) == 15
+    assert greedy.call(Opcode.OPENDIR, 1, abi.OPEN_IN).error == errno.EMFILE
+    assert greedy.err(Opcode.CREATE, 1, abi.CREATE_IN, names=(b"nope",), flags=os.O_RDWR,
+                      mode=0o100644) in (errno.EMFILE, errno.ENFILE)
+    other.alive()
+    # room again
+    assert greedy.err(Opcode.RELEASE, got[0], abi.RELEASE_IN, fh=fhs.pop()) == 0
+    assert greedy.call(Opcode.OPENDIR, 1, abi.OPEN_IN).error == 0
+    for n in got[5:]:
+        greedy.forget(n, 1)
+    assert greedy.call(Opcode.LOOKUP, 1, names=(b"f59",)).error == 0
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("--max-inodes" in m and "ENFILE" in m for m in msgs), msgs
+    assert any("--max-handles" in m and "EMFILE" in m for m in msgs), msgs
+    stats = [c.fs.stats() for c in env.server.connections]  # type: ignore[attr-defined]
+    assert any(s["refused"].get("inodes") and s["refused"].get("handles") for s in stats)
+
+
 # --- floods -----------------------------------------------------------------------------------------
 
 def test_flood_is_bounded_and_another_agent_is_served(env: Env) -> None:
@@ -1118,3 +1263,145 @@ def test_serve_process_survives_hostile_agents(tmp_path: Path) -> None:
     assert snapshot(tmp_path, skip=("export", "run")) == before
     out = (run / "serve.log").read_text(errors="replace")
     assert "Traceback" not in out, out
+
+
+def _collect(c: Client, uniques: list[int]) -> list[int]:
+    """The errors of pipelined requests, whatever order the workers answered them in."""
+    want = set(uniques)
+    got: dict[int, int] = {}
+    while len(got) < len(want):
+        r = c.recv()
+        assert r is not None and r.unique in want and r.unique not in got
+        got[r.unique] = r.error
+    return [got[u] for u in uniques]
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(120)
+def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
+    """A real ``notifyfs serve`` with per-agent limits, attacked at once by an agent that looks up
+    every name and forgets nothing, one that opens without releasing, one that pushes 1 MiB WRITEs
+    and GETATTRs without reading a reply, and a crowd of connections past --max-connections. Its
+    memory and fds stay bounded, a good agent is served throughout, and when the attackers leave
+    every fd they cost is released."""
+    export, _ = plant(tmp_path)
+    for i in range(3000):
+        (export / f"f{i:04d}").write_bytes(b"x")
+    run = tmp_path / "run"
+    run.mkdir()
+    sock_path = run / "sock"
+    token = b"bounded-token"
+    log = open(run / "serve.log", "wb")  # noqa: SIM115 (closed in the finally)
+    proc = subprocess.Popen([sys.executable, "-m", "notifyfs", "serve", str(export),
+                             "--listen", f"unix:{sock_path}", "--no-events", "--max-inodes", "1000",
+                             "--max-handles", "200", "--max-connections", "8"],
+                            env={**os.environ, "NOTIFYFS_TOKEN": token.decode()},
+                            stdout=log, stderr=subprocess.STDOUT)
+    socks: list[socket.socket] = []
+    addr = wire.parse_address(f"unix:{sock_path}")
+    try:
+        def listening() -> bool:
+            try:
+                wire.connect(addr).close()
+                return True
+            except OSError:
+                return proc.poll() is not None
+
+        assert wait(listening) and proc.poll() is None
+
+        def connect() -> Client:
+            s = wire.connect(addr)
+            socks.append(s)
+            wire.client_handshake(s, token, 0)
+            c = Client(s)
+            c.init()
+            return c
+
+        good = connect()
+        good.alive()
+        rss0, fds0 = rss_kib(proc.pid), _fds(proc.pid)
+
+        # 1: look up every name, forget nothing (pipelined)
+        greedy = connect()
+        us = []
+        for i in range(3000):
+            u, f = greedy.frame(Opcode.LOOKUP, 1, names=(f"f{i:04d}".encode(),))
+            greedy.send_raw(f)
+            us.append(u)
+        errs = _collect(greedy, us)
+        assert errs.count(0) <= 1001 and set(errs) <= {0, errno.ENFILE}
+        good.alive()
+        # 2: open without releasing
+        opener = connect()
+        fnode, _ = opener.lookup(1, b"hello")
+        us = []
+        for _ in range(1000):
+            u, f = opener.frame(Opcode.OPEN, fnode, abi.OPEN_IN, flags=os.O_RDONLY)
+            opener.send_raw(f)
+            us.append(u)
+        errs = _collect(opener, us)
+        assert errs.count(0) == 200 and set(errs) == {0, errno.EMFILE}
+        good.alive()
+        # 3: huge writes and small requests, never reading a reply
+        flood = connect()
+        hnode, _ = flood.lookup(1, b"hello")  # each agent has its own nodeids
+        hfh = flood.open(hnode, os.O_RDWR)
+        big = flood.frame(Opcode.WRITE, hnode, abi.WRITE_IN, fh=hfh + 1000, size=MAX_WRITE,
+                          data=bytes(MAX_WRITE))[1]  # EBADF: nothing is written
+        blob = b"".join([big] * 64 + [flood.frame(Opcode.GETATTR, 1, abi.GETATTR_IN)[1]
+                                      for _ in range(20000)])
+        flood.sock.setblocking(False)
+        pushed, stuck = 0, 0.0
+        deadline = time.monotonic() + 20
+        while pushed < len(blob) and time.monotonic() < deadline:
+            try:
+                pushed += flood.sock.send(blob[pushed:pushed + (1 << 20)])
+                stuck = 0.0
+            except BlockingIOError:
+                stuck = stuck or time.monotonic()
+                if time.monotonic() - stuck > 2:
+                    break
+                time.sleep(0.05)
+        assert pushed < len(blob), "the server swallowed everything without anyone reading"
+        good.alive()
+        # 4: a crowd of connections; past 8 they are refused with a reason
+        refused = 0
+        for _ in range(12):
+            s = wire.connect(addr)
+            socks.append(s)
+            try:
+                wire.client_handshake(s, token, 0)
+            except wire.HandshakeError as e:
+                assert "too many connections" in str(e)
+                refused += 1
+        assert refused >= 12 - (8 - 4)
+        good.alive()
+        rss1, fds1 = rss_kib(proc.pid), _fds(proc.pid)
+        print(f"\nserve under hostile load: RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}, "
+              f"{refused} connections refused")
+        assert rss1 - rss0 < 128 * 1024, "memory grew without bound"
+        assert fds1 - fds0 < 1000 + 200 + 100, "fds beyond the per-agent limits"
+        # the attackers leave: everything they cost is released
+        for c in (greedy, opener, flood):
+            c.close()
+        for s in socks[4:]:
+            s.close()
+        assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 20), (fds0, _fds(proc.pid))
+        good.alive()
+        assert proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+    out = (run / "serve.log").read_text(errors="replace")
+    assert "Traceback" not in out, out
+    assert "--max-inodes" in out and "--max-handles" in out and "--max-connections" in out

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import select
 import socket
+import ssl
 import stat
 import struct
 import threading
@@ -231,7 +232,127 @@ def find_virtio_port(name: str, root: str = VIRTIO_PORTS) -> str:
     raise FileNotFoundError(errno.ENOENT, f"no virtio-serial port named {name!r} in {root}")
 
 
-def connect(addr: Address, timeout: float = 10.0) -> Stream:
+# --- TLS ------------------------------------------------------------------------------------------
+
+def server_tls(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The server's TLS context: its certificate and key; with ``ca``, agents must present a
+    certificate signed by it (mutual TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_tls(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """The agent's TLS context: the server's certificate is verified against ``ca`` (else the
+    system's CAs) and its name checked; ``cert``/``key`` are the agent's own, for mutual TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca:
+        ctx.load_verify_locations(ca)
+    else:
+        ctx.load_default_certs()
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class TLSStream:
+    """A TLS connection that one thread reads while others write.
+
+    OpenSSL does not allow one SSL object to be used by two threads at once, and the relay and the
+    server read in one thread and write in others. So the socket is non-blocking, every SSL call
+    is made under one lock, and waiting for the network happens outside it.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.family = sock.family
+        self.lock = threading.Lock()
+        self.timeout: float | None = None
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Like socket.settimeout: each wait for the network ends in TimeoutError after it."""
+        self.timeout = timeout
+
+    def _wait(self, for_write: bool) -> None:
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "TLS stream closed")
+        r, w, _ = select.select([] if for_write else [fd], [fd] if for_write else [], [],
+                                self.timeout)
+        if not r and not w:
+            raise TimeoutError("timed out")
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            with self.lock:
+                try:
+                    return self.sock.recv(n)
+                except ssl.SSLWantReadError:
+                    for_write = False
+                except ssl.SSLWantWriteError:
+                    for_write = True
+                except ssl.SSLZeroReturnError:
+                    return b""
+            self._wait(for_write)
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            with self.lock:
+                try:
+                    view = view[self.sock.send(view):]
+                    continue
+                except ssl.SSLWantReadError:
+                    for_write = False
+                except ssl.SSLWantWriteError:
+                    for_write = True
+            self._wait(for_write)
+
+    def shutdown(self, how: int) -> None:
+        # the plain socket's shutdown: wakes a reader without touching the SSL object under it
+        socket.socket.shutdown(self.sock, how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def getpeername(self) -> object:
+        return self.sock.getpeername()
+
+
+def stream(sock: Stream) -> Stream:
+    """What to read and write frames on once the handshake is done: a TLS socket is wrapped so
+    that its reader and writers can be different threads."""
+    if isinstance(sock, ssl.SSLSocket):
+        return TLSStream(sock)
+    return sock
+
+
+def connect(addr: Address, timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+            server_name: str | None = None) -> Stream:
+    """Connect to ``addr``; with ``tls``, the TLS handshake itself is made by
+    :func:`client_handshake`, inside its time limit."""
+    sock = _connect(addr, timeout)
+    if tls is None:
+        return sock
+    if not isinstance(sock, socket.socket):
+        sock.close()
+        raise ValueError(f"TLS is not available over {addr.kind} (a VM's own channel)")
+    name = server_name or (addr.host if addr.kind == "tcp" else None)
+    if name is None:
+        tls.check_hostname = False  # no name to check (a unix socket): the CA check remains
+    return tls.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+
+
+def _connect(addr: Address, timeout: float) -> Stream:
     if addr.kind == "virtio-serial":
         path = find_virtio_port(addr.path)
         return PortStream(os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY), addr.path)
@@ -271,9 +392,28 @@ def tune(sock: Stream) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _recv_exact(sock: Stream, n: int) -> bytes:
+class _Deadline:
+    """One time limit for a whole handshake: a peer that trickles a byte at a time gets no more
+    time than one that sends nothing (a timeout per recv would let it hold a slot for ever)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def arm(self, sock: Stream) -> None:
+        if self.end is None:
+            sock.settimeout(None)
+            return
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("handshake deadline passed")
+        sock.settimeout(left)
+
+
+def _recv_exact(sock: Stream, n: int, deadline: _Deadline | None = None) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            deadline.arm(sock)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise HandshakeError("peer closed the connection during the handshake")
@@ -281,24 +421,48 @@ def _recv_exact(sock: Stream, n: int) -> bytes:
     return bytes(buf)
 
 
-def _read_hello(sock: Stream) -> tuple[int, int, int, bytes]:
-    raw = _recv_exact(sock, _HELLO.size)
+def _looks_like_tls(data: bytes) -> bool:
+    """A TLS record (handshake 0x16 or alert 0x15, version 3.x) where a notifyfs hello should be."""
+    return len(data) >= 3 and data[0] in (0x15, 0x16) and data[1] == 3
+
+
+def _read_hello(sock: Stream, deadline: _Deadline | None = None) -> tuple[int, int, int, bytes]:
+    raw = _recv_exact(sock, _HELLO.size, deadline)
     magic, version, word, features, n = _HELLO.unpack(raw)
     if magic != MAGIC:
+        if _looks_like_tls(raw):
+            raise HandshakeError("peer speaks TLS and this side does not (--tls-* options)")
         raise HandshakeError(f"peer is not notifyfs (got {magic!r})")
-    tail = _recv_exact(sock, n) if n else b""
+    tail = _recv_exact(sock, n, deadline) if n else b""
     return version, word, features, tail
 
 
-def client_handshake(sock: Stream, token: bytes | None, features: int) -> int:
+def client_handshake(sock: Stream, token: bytes | None, features: int,
+                     timeout: float | None = HANDSHAKE_TIMEOUT) -> int:
     """Agent side: returns the features both sides support."""
-    sock.settimeout(HANDSHAKE_TIMEOUT)
+    deadline = _Deadline(timeout)
     try:
+        if isinstance(sock, ssl.SSLSocket):
+            deadline.arm(sock)
+            sock.do_handshake()
+        deadline.arm(sock)
         tok = token or b""
-        sock.sendall(_HELLO.pack(MAGIC, VERSION, 0, features, len(tok)) + tok)
-        version, status, agreed, msg = _read_hello(sock)
+        try:
+            sock.sendall(_HELLO.pack(MAGIC, VERSION, 0, features, len(tok)) + tok)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server that refuses us may answer and close before reading: read why
+        version, status, agreed, msg = _read_hello(sock, deadline)
     except TimeoutError as e:
         raise HandshakeError("no handshake answer from the server (is it a notifyfs server?)") from e
+    except ssl.SSLError as e:
+        raise HandshakeError(f"TLS: {e.reason or e}") from e
+    except (ConnectionResetError, BrokenPipeError) as e:
+        raise HandshakeError(f"the server closed the connection ({e.strerror}); "
+                             "does it want TLS (--tls-ca) or a token?") from e
+    except HandshakeError as e:
+        if "closed" in str(e) and not isinstance(sock, ssl.SSLSocket):
+            raise HandshakeError(f"{e} (a TLS server closes plaintext clients: --tls-ca?)") from e
+        raise
     finally:
         sock.settimeout(None)
     if status != STATUS_OK:
@@ -308,18 +472,42 @@ def client_handshake(sock: Stream, token: bytes | None, features: int) -> int:
     return agreed
 
 
+def refuse(sock: Stream, msg: str) -> None:
+    """Answer a connection we will not serve (too many agents) without reading its hello."""
+    m = msg.encode()
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(_HELLO.pack(MAGIC, VERSION, STATUS_REFUSED, 0, len(m)) + m)
+        # read what the peer sends before closing: closing with unread data makes TCP reset the
+        # connection, which can destroy our answer before the peer reads it
+        if isinstance(sock, socket.socket):
+            sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(4096):
+                break
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def server_handshake(sock: Stream, token: bytes | None, features: int,
-                     wait_forever: bool = False) -> int:
-    """Server side: check the agent's hello; returns the agreed features or raises.
+                     wait_forever: bool = False, timeout: float = HANDSHAKE_TIMEOUT) -> int:
+    """Server side: check the agent's hello; returns the agreed features or raises. ``timeout``
+    bounds the whole handshake (TLS included), not each read.
 
     ``wait_forever`` is for virtio-serial: QEMU connects the port's chardev when the VM starts,
     long before the guest's agent speaks."""
-    sock.settimeout(None if wait_forever else HANDSHAKE_TIMEOUT)
+    deadline = _Deadline(None if wait_forever else timeout)
     try:
-        version, _reserved, theirs, their_token = _read_hello(sock)
+        if isinstance(sock, ssl.SSLSocket):
+            deadline.arm(sock)
+            sock.do_handshake()
+        version, _reserved, theirs, their_token = _read_hello(sock, deadline)
 
         def answer(status: int, agreed: int, msg: str) -> None:
             m = msg.encode()
+            deadline.arm(sock)
             sock.sendall(_HELLO.pack(MAGIC, VERSION, status, agreed, len(m)) + m)
 
         if version != VERSION:
@@ -332,7 +520,9 @@ def server_handshake(sock: Stream, token: bytes | None, features: int,
         answer(STATUS_OK, agreed, "")
         return agreed
     except TimeoutError as e:
-        raise HandshakeError("no handshake from the peer within the timeout") from e
+        raise HandshakeError(f"no complete handshake from the peer within {timeout:g} s") from e
+    except ssl.SSLError as e:
+        raise HandshakeError(f"TLS handshake failed: {e.reason or e}") from e
     finally:
         sock.settimeout(None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import sys
 
 from .. import wire
@@ -42,7 +43,9 @@ def run_relay(relay: Relay) -> int:
 PORT_ATTEMPTS = 3
 
 
-def _connect(addr: wire.Address, token: bytes | None, features: int) -> tuple[wire.Stream, int]:
+def _connect(addr: wire.Address, token: bytes | None, features: int,
+             tls: ssl.SSLContext | None = None,
+             server_name: str | None = None) -> tuple[wire.Stream, int]:
     """Connect and handshake; returns the stream and the agreed features.
 
     A virtio-serial port is one byte stream for the VM's lifetime, and the server cannot tell
@@ -53,12 +56,14 @@ def _connect(addr: wire.Address, token: bytes | None, features: int) -> tuple[wi
     attempts = PORT_ATTEMPTS if addr.kind == "virtio-serial" else 1
     for attempt in range(1, attempts + 1):
         try:
-            sock = wire.connect(addr)
-        except OSError as e:
-            raise MountError(f"cannot connect to {addr}: {e.strerror or e}") from None
+            sock = wire.connect(addr, tls=tls, server_name=server_name)
+        except (OSError, ValueError) as e:
+            raise MountError(f"cannot connect to {addr}: {getattr(e, 'strerror', None) or e}") \
+                from None
         wire.tune(sock)
         try:
-            return sock, wire.client_handshake(sock, token, features)
+            agreed = wire.client_handshake(sock, token, features)
+            return wire.stream(sock), agreed
         except (wire.HandshakeError, OSError) as e:
             sock.close()
             if attempt == attempts or "refused" in str(e):
@@ -68,13 +73,13 @@ def _connect(addr: wire.Address, token: bytes | None, features: int) -> tuple[wi
 
 
 def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | None,
-          foreground: bool) -> int:
+          foreground: bool, tls: ssl.SSLContext | None = None, server_name: str | None = None) -> int:
     mountpoint = check_mountpoint(mountpoint)
     try:
         addr = wire.parse_address(address)
     except ValueError as e:
         raise MountError(str(e)) from None
-    sock, features = _connect(addr, token, agent_features(options))
+    sock, features = _connect(addr, token, agent_features(options), tls, server_name)
     relay = Relay(sock, mountpoint, options, features)
     relay.mount()
     if not foreground and os.fork() > 0:

@@ -135,3 +135,15 @@ def parse_fuse_handle(hexbytes: str) -> tuple[int, int]:
     raw = bytes.fromhex(hexbytes)
     hi, lo, gen = struct.unpack("=III", raw[:12])
     return (hi << 32) | lo, gen
+
+
+def act_as(uid: int, gid: int) -> None:
+    """Make the calling thread's filesystem accesses those of ``uid``:``gid`` (setfsuid and
+    setfsgid act on one thread, unlike setuid). Leaving fsuid 0 also drops the thread's
+    filesystem capabilities (DAC override, chown, mknod of devices), so the host's own permission
+    checks apply to everything the thread does."""
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    # both calls return the previous id and never fail visibly: read the ids back to be sure
+    if _libc.setfsuid(-1 & 0xFFFFFFFF) != uid or _libc.setfsgid(-1 & 0xFFFFFFFF) != gid:
+        raise PermissionError(f"cannot act as {uid}:{gid} on the host")

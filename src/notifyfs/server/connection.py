@@ -12,6 +12,7 @@ import errno
 import logging
 import queue
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _INLINE = (abi.Opcode.FORGET, abi.Opcode.BATCH_FORGET)
 _NO_REPLY = (*_INLINE, abi.Opcode.INTERRUPT)  # never answered, even when malformed
+#: requests that open a session; a revived agent (after a server restart) opens it with REVIVE
+_OPENERS = tuple(op for op in (abi.Opcode.INIT, getattr(abi.Opcode, "NOTIFYFS_REVIVE", None))
+                 if op is not None)
 
 
 class Connection:
@@ -35,6 +39,10 @@ class Connection:
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_pending)
         self.nworkers = workers
         self.destroyed = False
+        #: a kernel sends nothing before INIT's answer; a client that does gets EIO (libfuse's
+        #: answer too), so no request ever runs with a session it did not negotiate
+        self.initialized = False
+        self.early = 0  # requests refused for coming before INIT
         fs.attach(self.send, bool(features & wire.FEATURE_FSNOTIFY))
 
     def send(self, frame: bytes) -> None:
@@ -67,9 +75,9 @@ class Connection:
             log.info("%s: disconnected", self.peer)
 
     def _register_thread(self) -> None:
-        tids = getattr(self.fs, "worker_tids", None)
-        if tids is not None:
-            tids.add(threading.get_native_id())
+        enter: Callable[[], None] | None = getattr(self.fs, "enter_thread", None)
+        if enter is not None:
+            enter()
 
     def _read(self) -> None:
         self._register_thread()  # it answers some requests itself (FORGET, flock RELEASE)
@@ -93,7 +101,17 @@ class Connection:
                 if e.unique and abi.IN_HEADER.unpack_from(frame).opcode not in _NO_REPLY:
                     self.send(reply_error(e.unique, e.errno))
                 continue
-            if req.opcode in _INLINE:
+            if req.opcode in _OPENERS and not self.destroyed:
+                # answered here, before the next request is read: what INIT negotiates decodes
+                # the requests after it
+                out = self._call(req)
+                if out is not None:
+                    self.send(out)
+                    if abi.OUT_HEADER.unpack_from(out).error == 0:
+                        self.initialized = True
+            elif not self.initialized and not self.destroyed:
+                self._refuse_uninitialized(req)
+            elif req.opcode in _INLINE:
                 self._call(req)
             elif (req.opcode == abi.Opcode.RELEASE and not self.destroyed
                   and req.arg.release_flags & abi.RELEASE_FLOCK_UNLOCK):
@@ -113,6 +131,13 @@ class Connection:
                 if req.opcode == abi.Opcode.DESTROY:
                     self.destroyed = True
                 self.queue.put(req)
+
+    def _refuse_uninitialized(self, req: Request) -> None:
+        self.early += 1
+        if self.early == 1 or self.early % 1000 == 0:
+            log.warning("%s: %s before INIT (%d so far): EIO", self.peer, req.opname, self.early)
+        if req.opcode not in _NO_REPLY and req.unique:
+            self.send(reply_error(req.unique, errno.EIO))
 
     def _work(self) -> None:
         self._register_thread()
@@ -145,27 +170,59 @@ class Server:
     """Accepts agents on a listening socket; one filesystem object per connection."""
 
     def __init__(self, make_fs: Callable[[], Filesystem], token: bytes | None = None,
-                 features: int = wire.SUPPORTED_FEATURES, workers: int = 8) -> None:
+                 features: int = wire.SUPPORTED_FEATURES, workers: int = 8,
+                 tls: ssl.SSLContext | None = None, max_connections: int = 64,
+                 max_pending: int = 256) -> None:
         self.make_fs = make_fs
         self.token = token
         self.features = features
         self.workers = workers
+        self.tls = tls
+        #: agents connected or handshaking at once; more are refused (each costs threads and fds)
+        self.max_connections = max_connections
+        self.max_pending = max_pending  # requests read from one agent and not yet answered
         #: wait for ever for the agent's hello (a VM's serial port is connected at boot)
         self.wait_for_hello = False
+        #: else the whole handshake (TLS included) must be done within this many seconds
+        self.handshake_timeout = wire.HANDSHAKE_TIMEOUT
         self.connections: set[Connection] = set()
+        self.active = 0  # streams in serve_socket: handshaking or connected
+        self.refused = 0
         self.lock = threading.Lock()
 
     def serve_socket(self, sock: wire.Stream, peer: str) -> None:
         """Handshake and serve one connected socket (blocks until it closes)."""
-        wire.tune(sock)
+        with self.lock:
+            admitted = self.active < self.max_connections
+            if admitted:
+                self.active += 1
+            else:
+                self.refused += 1
+        if not admitted:
+            log.warning("%s: refused: already %d connections (--max-connections)", peer,
+                        self.max_connections)
+            wire.refuse(sock, f"too many connections (the server allows {self.max_connections})")
+            return
         try:
-            agreed = wire.server_handshake(sock, self.token, self.features, self.wait_for_hello)
+            self._serve(sock, peer)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def _serve(self, sock: wire.Stream, peer: str) -> None:
+        wire.tune(sock)
+        if self.tls is not None and isinstance(sock, socket.socket):
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            agreed = wire.server_handshake(sock, self.token, self.features, self.wait_for_hello,
+                                           self.handshake_timeout)
         except (wire.HandshakeError, OSError) as e:
             log.warning("%s: handshake failed: %s", peer, e)
             sock.close()
             return
-        log.info("%s: connected", peer)
-        conn = Connection(sock, self.make_fs(), workers=self.workers, peer=peer, features=agreed)
+        log.info("%s: connected%s", peer, " (TLS)" if isinstance(sock, ssl.SSLSocket) else "")
+        conn = Connection(wire.stream(sock), self.make_fs(), workers=self.workers,
+                          max_pending=self.max_pending, peer=peer, features=agreed)
         with self.lock:
             self.connections.add(conn)
         try:

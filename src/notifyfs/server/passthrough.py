@@ -72,6 +72,10 @@ class Options:
     events: bool = True  # watch the host and send remote events to agents that want them
     watcher: str = "auto"  # auto | fanotify | inotify
     max_watches: int = 1 << 20
+    #: per agent: inodes it may hold looked up (each is an open O_PATH fd on the host) and files
+    #: or directories it may hold open; past them LOOKUP & co. get ENFILE and OPEN & co. EMFILE
+    max_inodes: int = 1 << 18
+    max_handles: int = 1 << 14
 
 
 @dataclass(eq=False)
@@ -140,6 +144,8 @@ class Passthrough(Filesystem):
         #: events caused by these threads are this client's own and never echoed to it
         self.worker_tids: set[int] = set()
         self.watcher: InotifyWatcher | None = None
+        self.refusals: dict[str, int] = {}  # requests refused by a per-agent limit, by limit
+        self.fsyncs = 0  # fsync/fdatasync calls made on host fds (data safety tests count them)
 
     def attach(self, notify: Notify, remote_events: bool) -> None:
         if not (self.options.events and remote_events):
@@ -178,7 +184,18 @@ class Passthrough(Filesystem):
             raise FuseError(errno.ENOTDIR)
         return inode
 
+    def _refused(self, what: str, err: int, limit: int) -> FuseError:
+        """Count (and now and then log) a request refused by a per-agent limit."""
+        n = self.refusals[what] = self.refusals.get(what, 0) + 1
+        if n == 1 or n % 1000 == 0:
+            log.warning("agent holds %d %s (the limit, --max-%s): %s (%d refused so far)", limit,
+                        what, what, errno.errorcode[err], n)
+        return FuseError(err, f"too many {what}")
+
     def _new_handle(self, fd: int, inode: Inode, flags: int) -> int:
+        if len(self.handles) >= self.options.max_handles:
+            os.close(fd)
+            raise self._refused("handles", errno.EMFILE, self.options.max_handles)
         with self.lock:
             fh = self._next_fh
             self._next_fh += 1
@@ -262,6 +279,10 @@ class Passthrough(Filesystem):
         except OSError:
             os.close(fd)
             raise
+        if len(self.inodes) > self.options.max_inodes and \
+                (st.st_dev, st.st_ino) not in self.inodes.by_key:
+            os.close(fd)
+            raise self._refused("inodes", errno.ENFILE, self.options.max_inodes)
         inode = self.inodes.add_lookup(fd, st)
         if parent is not None:
             self.inodes.remember(parent.nodeid, name, inode)
@@ -274,9 +295,20 @@ class Passthrough(Filesystem):
     def _lookup_fd(self, parent: Inode, name: bytes) -> int:
         return linux_fs.openat2(parent.fd, name, os.O_PATH | os.O_NOFOLLOW, resolve=LOOKUP_RESOLVE)
 
+    def enter_thread(self) -> None:
+        """Called by each thread that serves this agent's requests (the connection's reader and
+        workers). With ``squash``, a root server's threads act on the host as the squash owner:
+        the host's permissions, not the agent's word, decide what the agent may do."""
+        self.worker_tids.add(threading.get_native_id())
+        if self.options.squash is not None and self.is_root:
+            linux_fs.act_as(*self.options.squash)
+            self._local.squashed = True
+
     def _owner(self, req: Request, parent: Inode) -> tuple[int, int] | None:
         """Who should own a file this request creates, or None to keep what the host gave it."""
         if self.options.squash is not None:
+            if getattr(self._local, "squashed", False):
+                return None  # created by the squash owner's fsuid/fsgid already
             return self.options.squash
         if not self.is_root:
             return None
@@ -472,7 +504,8 @@ class Passthrough(Filesystem):
             raise FuseError(errno.EPERM)
         try:
             linux_fs.link_empty(inode.fd, parent.fd, name)
-        except PermissionError:
+        except (PermissionError, FileNotFoundError):
+            # linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH (gone for a squashed thread)
             if inode.is_symlink:
                 raise
             os.link(linux_fs.proc_path(inode.fd), name, dst_dir_fd=parent.fd, follow_symlinks=True)
@@ -586,6 +619,7 @@ class Passthrough(Filesystem):
             os.fdatasync(h.fd)
         else:
             os.fsync(h.fd)
+        self.fsyncs += 1
         return b""
 
     def op_fallocate(self, req: Request) -> bytes:
@@ -676,9 +710,20 @@ class Passthrough(Filesystem):
                 entries.append((b"..", pst.st_ino, stat.S_IFDIR >> 12))
             except OSError:
                 entries.append((b"..", 0, stat.S_IFDIR >> 12))
+        # scandir(fd) reads through a duplicate of its own and never closes the fd it is given
+        # (its entries' stat() uses that fd: closed only once the listing is done)
         dup = os.dup(h.fd)
-        os.lseek(dup, 0, os.SEEK_SET)
-        with os.scandir(dup) as it:
+        try:
+            os.lseek(dup, 0, os.SEEK_SET)
+            entries.extend(self._scan(dup))
+        finally:
+            os.close(dup)
+        return entries
+
+    @staticmethod
+    def _scan(dirfd: int) -> list[tuple[bytes, int, int]]:
+        entries: list[tuple[bytes, int, int]] = []
+        with os.scandir(dirfd) as it:
             for e in it:
                 name = os.fsencode(e.name)
                 if e.is_symlink():
@@ -714,6 +759,10 @@ class Passthrough(Filesystem):
                     entry = self._entry(self._lookup_fd(parent, name), parent, name)
                 except OSError:
                     entry = None  # gone since the snapshot: the kernel just skips it
+                except FuseError:
+                    if buf.parts:
+                        break  # the inode limit: the kernel asks again from this entry
+                    raise
             buf.add(ino, index + 1, dt, name, entry)
         return buf.payload()
 
@@ -806,7 +855,12 @@ class Passthrough(Filesystem):
                 os.close(h.fd)
             except OSError:
                 pass
+            self.inodes.release(h.inode)  # else close_all keeps the inode's fd open for ever
         self.inodes.close_all()
+        try:  # the table keeps the root for ever; the connection's end is its end
+            os.close(self.inodes.root.fd)
+        except OSError:
+            pass
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
@@ -814,7 +868,8 @@ class Passthrough(Filesystem):
         counts = self.inodes.lookup_counts()
         counts.pop(1, None)  # the root is never forgotten
         out: dict[str, Any] = {"inodes": len(counts), "nlookup": sum(counts.values()),
-                               "handles": nh, "echo_suppressed": self.echo.suppressed}
+                               "handles": nh, "echo_suppressed": self.echo.suppressed,
+                               "fsyncs": self.fsyncs, "refused": dict(self.refusals)}
         if self.watcher is not None:
             out.update(watches=self.watcher.watch_count, events_sent=self.watcher.sent,
                        overflows=self.watcher.overflows, snapshots=len(self.watcher.snapshots),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import threading
 
 from .. import wire
@@ -25,9 +26,12 @@ def check_export(export: str) -> str:
     return os.path.realpath(export)
 
 
-def make_server(export: str, options: Options, token: bytes | None, workers: int = 8) -> Server:
+def make_server(export: str, options: Options, token: bytes | None, workers: int = 8,
+                tls: ssl.SSLContext | None = None, max_connections: int = 64) -> Server:
     export = check_export(export)
     os.umask(0)  # the guest kernel already applied the caller's umask
+    if options.squash is not None and os.geteuid() == 0:
+        os.setgroups([])  # squashed workers act as UID:GID alone, not with root's groups
     features = wire.SUPPORTED_FEATURES & ~wire.FEATURE_READONLY
     if not options.events:
         features &= ~wire.FEATURE_FSNOTIFY
@@ -36,11 +40,12 @@ def make_server(export: str, options: Options, token: bytes | None, workers: int
     if not options.writeback:
         features &= ~wire.FEATURE_WRITEBACK
     return Server(lambda: Passthrough(export, options), token=token, features=features,
-                  workers=workers)
+                  workers=workers, tls=tls, max_connections=max_connections)
 
 
-def serve(export: str, listen: str, options: Options, token: bytes | None, workers: int = 8) -> int:
-    server = make_server(export, options, token, workers)
+def serve(export: str, listen: str, options: Options, token: bytes | None, workers: int = 8,
+          tls: ssl.SSLContext | None = None, max_connections: int = 64) -> int:
+    server = make_server(export, options, token, workers, tls, max_connections)
     addr = wire.parse_address(listen)
     try:
         listener = wire.listen(addr, token)
