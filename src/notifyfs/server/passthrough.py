@@ -73,7 +73,8 @@ class Options:
     watcher: str = "auto"  # auto | fanotify | inotify
     max_watches: int = 1 << 20
     #: per agent: inodes it may hold looked up (each is an open O_PATH fd on the host) and files
-    #: or directories it may hold open; past them LOOKUP & co. get ENFILE and OPEN & co. EMFILE
+    #: or directories it may hold open; past them LOOKUP & co. get ENFILE and OPEN & co. EMFILE.
+    #: Checked without a lock, so concurrent workers may overshoot by one each.
     max_inodes: int = 1 << 18
     max_handles: int = 1 << 14
 
