@@ -1333,7 +1333,7 @@ def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
             us.append(u)
         errs = _collect(greedy, us)
         # the limit is checked without a lock: concurrent workers may each pass it once
-        assert errs.count(0) <= 1000 + 8 and set(errs) <= {0, errno.ENFILE}
+        assert errs.count(0) <= 1000 + 8 and set(errs) <= {0, errno.ENFILE}, (errs.count(0), set(errs))
         good.alive()
         # 2: open without releasing
         opener = connect()
@@ -1344,7 +1344,7 @@ def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
             opener.send_raw(f)
             us.append(u)
         errs = _collect(opener, us)
-        assert errs.count(0) == 200 and set(errs) == {0, errno.EMFILE}
+        assert errs.count(0) == 200 and set(errs) == {0, errno.EMFILE}, (errs.count(0), set(errs))
         good.alive()
         # 3: huge writes and small requests, never reading a reply
         flood = connect()
@@ -1378,7 +1378,7 @@ def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
             except wire.HandshakeError as e:
                 assert "too many connections" in str(e)
                 refused += 1
-        assert refused >= 12 - (8 - 4)
+        assert refused >= 12 - (8 - 4), f"only {refused} of 12 refused"
         good.alive()
         rss1, fds1 = rss_kib(proc.pid), _fds(proc.pid)
         print(f"\nserve under hostile load: RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}, "
@@ -1390,7 +1390,7 @@ def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
             c.close()
         for s in socks[4:]:
             s.close()
-        assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 20), (fds0, _fds(proc.pid))
+        assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 40), (fds0, _fds(proc.pid))
         good.alive()
         assert proc.poll() is None
     finally:
