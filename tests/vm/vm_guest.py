@@ -282,13 +282,23 @@ def run_live_setup(ch: Channel) -> dict[str, Any]:
     return out
 
 
+def run_phase(ch: Channel, name: str, phase: Any) -> None:
+    """Run one phase and send its results (or the traceback that ended it) to the host."""
+    t0 = time.monotonic()
+    try:
+        data, error = phase(), None
+    except Exception:
+        data, error = None, traceback.format_exc()
+        log(f"phase {name} failed:\n{error}")
+    ch.call("result", phase=name, data=data, error=error, seconds=time.monotonic() - t0)
+
+
 def main() -> int:
     log("driver started")
     ch = port_channel(CONTROL_PORT)
     plan = ch.call("hello", uptime=float(Path("/proc/uptime").read_text().split()[0]),
                    kernel=os.uname().release)
     agent = start_agent(f"virtio-serial:{AGENT_PORT}", MOUNTS["notifyfs"])
-    phases: list[tuple[str, Any]] = []
     locals_: dict[str, Path] = {}
     try:
         mount_others()
@@ -297,13 +307,7 @@ def main() -> int:
                   ("clients", lambda: run_clients(ch)),
                   ("live_setup", lambda: run_live_setup(ch))]
         for name, phase in phases:
-            t0 = time.monotonic()
-            try:
-                data, error = phase(), None
-            except Exception:
-                data, error = None, traceback.format_exc()
-                log(f"phase {name} failed:\n{error}")
-            ch.call("result", phase=name, data=data, error=error, seconds=time.monotonic() - t0)
+            run_phase(ch, name, phase)
     finally:
         code = stop_agent(MOUNTS["notifyfs"], agent)
     log(f"first agent exited with {code}")
@@ -329,13 +333,7 @@ def main() -> int:
     if plan.get("vsock_token"):
         later.append(("vsock", vsock))
     for name, phase in later:
-        t0 = time.monotonic()
-        try:
-            data, error = phase(), None
-        except Exception:
-            data, error = None, traceback.format_exc()
-            log(f"phase {name} failed:\n{error}")
-        ch.call("result", phase=name, data=data, error=error, seconds=time.monotonic() - t0)
+        run_phase(ch, name, phase)
     if AGENT_LOG.exists():
         ch.call("agent_log", text=AGENT_LOG.read_text()[-20000:])
     for fs in ("virtiofs", "9p"):
