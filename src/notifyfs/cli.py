@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="agents served (or handshaking) at once; more are refused (default 64)")
+    p.add_argument("--max-pending", type=int, default=256, metavar="N",
+                   help="requests read from one agent and not yet answered; past it the server "
+                        "stops reading that agent until it reads its replies (default 256)")
     _tls_args(p, server=True)
     _server_args(p)
 
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .server.run import serve
             return serve(args.export, args.listen, sopts, _token(args.token_file), args.workers,
-                         _server_tls(args), args.max_connections)
+                         _server_tls(args), args.max_connections, args.max_pending)
         from .share import share
         return share(args.src, args.mountpoint, sopts, _mopts(args), args.workers,
                      args.stats_file)

@@ -27,7 +27,8 @@ def check_export(export: str) -> str:
 
 
 def make_server(export: str, options: Options, token: bytes | None, workers: int = 8,
-                tls: ssl.SSLContext | None = None, max_connections: int = 64) -> Server:
+                tls: ssl.SSLContext | None = None, max_connections: int = 64,
+                max_pending: int = 256) -> Server:
     export = check_export(export)
     os.umask(0)  # the guest kernel already applied the caller's umask
     if options.squash is not None and os.geteuid() == 0:
@@ -40,12 +41,16 @@ def make_server(export: str, options: Options, token: bytes | None, workers: int
     if not options.writeback:
         features &= ~wire.FEATURE_WRITEBACK
     return Server(lambda: Passthrough(export, options), token=token, features=features,
-                  workers=workers, tls=tls, max_connections=max_connections)
+                  workers=workers, tls=tls, max_connections=max_connections,
+                  max_pending=max_pending)
 
 
 def serve(export: str, listen: str, options: Options, token: bytes | None, workers: int = 8,
-          tls: ssl.SSLContext | None = None, max_connections: int = 64) -> int:
-    server = make_server(export, options, token, workers, tls, max_connections)
+          tls: ssl.SSLContext | None = None, max_connections: int = 64,
+          max_pending: int = 256) -> int:
+    if min(max_connections, max_pending, options.max_inodes, options.max_handles) < 1:
+        raise ServeError("the --max-* limits must be at least 1")
+    server = make_server(export, options, token, workers, tls, max_connections, max_pending)
     addr = wire.parse_address(listen)
     try:
         listener = wire.listen(addr, token)
