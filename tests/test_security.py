@@ -439,3 +439,23 @@ def test_squash_is_enforced_by_the_server(local: Local, caplog: pytest.LogCaptur
     assert snapshot(e / "rootdir") == before_private
     assert (e / "private").read_bytes() == b"root only\n"
     c.alive()
+
+
+def test_tls_option_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "notpem").write_text("not a certificate\n")
+    cases = [
+        (["serve", str(tmp_path), "--listen", "tcp:127.0.0.1:1", "--tls-cert", str(tmp_path / "no"),
+          "--tls-key", str(tmp_path / "no")], "cannot load the TLS files"),
+        (["serve", str(tmp_path), "--listen", "tcp:127.0.0.1:1", "--tls-ca", str(tmp_path / "notpem")],
+         "needs both --tls-cert and --tls-key"),
+        (["mount", "tcp:127.0.0.1:1", str(tmp_path), "--tls-ca", str(tmp_path / "notpem")],
+         "cannot load the TLS files"),
+        (["mount", "tcp:127.0.0.1:1", str(tmp_path), "--tls-cert", str(tmp_path / "notpem")],
+         "needs both --tls-cert and --tls-key"),
+        (["serve", str(tmp_path), "--listen", "tcp:127.0.0.1:1", "--max-pending", "0"],
+         "at least 1"),
+    ]
+    for cmd, want in cases:
+        r = subprocess.run([*NOTIFYFS, *cmd], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

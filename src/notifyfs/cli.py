@@ -85,7 +85,11 @@ def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if not (args.tls_cert and args.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
-    return wire.server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    try:
+        return wire.server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load the TLS files ({args.tls_cert}, {args.tls_key}"
+                         f"{', ' + args.tls_ca if args.tls_ca else ''}): {e.strerror or e}") from None
 
 
 def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -93,7 +97,11 @@ def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         return None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("a client certificate needs both --tls-cert and --tls-key")
-    return wire.client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    try:
+        return wire.client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        files = ", ".join(f for f in (args.tls_ca, args.tls_cert, args.tls_key) if f)
+        raise ValueError(f"cannot load the TLS files ({files}): {e.strerror or e}") from None
 
 
 def _events_arg(p: argparse.ArgumentParser) -> None:
