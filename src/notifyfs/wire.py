@@ -482,7 +482,9 @@ def refuse(sock: Stream, msg: str) -> None:
         # connection, which can destroy our answer before the peer reads it
         if isinstance(sock, socket.socket):
             sock.shutdown(socket.SHUT_WR)
+        deadline = _Deadline(1.0)  # one second in all: a refused crowd must not pile up threads
         for _ in range(16):
+            deadline.arm(sock)
             if not sock.recv(4096):
                 break
     except OSError:
