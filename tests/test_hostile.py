@@ -1003,6 +1003,10 @@ def test_per_agent_limits(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     assert 35 <= len(got) <= 41 and set(errors) == {errno.ENFILE}, (len(got), set(errors))
     # a name it already holds is still found (no new inode)
     assert greedy.call(Opcode.LOOKUP, 1, names=(b"f00",)).error == 0
+    # nothing is created that the agent could not be told about
+    assert greedy.err(Opcode.MKDIR, 1, abi.MKDIR_IN, names=(b"newdir",), mode=0o755) == errno.ENFILE
+    assert greedy.err(Opcode.SYMLINK, 1, names=(b"newlink", b"f00")) == errno.ENFILE
+    assert not (env.export / "newdir").exists() and not (env.export / "newlink").is_symlink()
     other.alive()  # its own table, its own limits
     fhs = []
     for _ in range(30):
@@ -1014,7 +1018,8 @@ def test_per_agent_limits(env: Env, caplog: pytest.LogCaptureFixture) -> None:
     assert len(fhs) == 15
     assert greedy.call(Opcode.OPENDIR, 1, abi.OPEN_IN).error == errno.EMFILE
     assert greedy.err(Opcode.CREATE, 1, abi.CREATE_IN, names=(b"nope",), flags=os.O_RDWR,
-                      mode=0o100644) in (errno.EMFILE, errno.ENFILE)
+                      mode=0o100644) == errno.EMFILE
+    assert not (env.export / "nope").exists()  # refused before anything was created
     other.alive()
     # room again
     assert greedy.err(Opcode.RELEASE, got[0], abi.RELEASE_IN, fh=fhs.pop()) == 0

@@ -193,6 +193,12 @@ class Passthrough(Filesystem):
                         what, what, errno.errorcode[err], n)
         return FuseError(err, f"too many {what}")
 
+    def _room_for_inode(self) -> None:
+        """Refuse a request that would create a file when the agent holds its limit of inodes,
+        before the file exists (else the host would have a file the guest was told failed)."""
+        if len(self.inodes) > self.options.max_inodes:
+            raise self._refused("inodes", errno.ENFILE, self.options.max_inodes)
+
     def _new_handle(self, fd: int, inode: Inode, flags: int) -> int:
         if len(self.handles) >= self.options.max_handles:
             os.close(fd)
@@ -436,6 +442,7 @@ class Passthrough(Filesystem):
 
     def op_symlink(self, req: Request) -> bytes:
         self._writable()
+        self._room_for_inode()
         parent = self._dir(req.nodeid)
         name, target = check_name(req.names[0]), req.names[1]
         if not target:
@@ -445,6 +452,7 @@ class Passthrough(Filesystem):
 
     def op_mknod(self, req: Request) -> bytes:
         self._writable()
+        self._room_for_inode()
         parent = self._dir(req.nodeid)
         name = check_name(req.name)
         mode = req.arg.mode
@@ -456,6 +464,7 @@ class Passthrough(Filesystem):
 
     def op_mkdir(self, req: Request) -> bytes:
         self._writable()
+        self._room_for_inode()
         parent = self._dir(req.nodeid)
         name = check_name(req.name)
         os.mkdir(name, req.arg.mode & 0o7777, dir_fd=parent.fd)
@@ -498,6 +507,7 @@ class Passthrough(Filesystem):
 
     def op_link(self, req: Request) -> bytes:
         self._writable()
+        self._room_for_inode()
         inode = self._inode(req.arg.oldnodeid)
         parent = self._dir(req.nodeid)
         name = check_name(req.name)
@@ -536,6 +546,10 @@ class Passthrough(Filesystem):
 
     def op_create(self, req: Request) -> bytes:
         self._writable()
+        if len(self.handles) >= self.options.max_handles:
+            # before anything is created or counted: the kernel never sees this entry
+            raise self._refused("handles", errno.EMFILE, self.options.max_handles)
+        self._room_for_inode()
         parent = self._dir(req.nodeid)
         name = check_name(req.name)
         a = req.arg
