@@ -7,6 +7,7 @@ bound, never touch anything outside the export, and keep serving other agents th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -1176,22 +1177,19 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_serve_process_survives_hostile_agents(tmp_path: Path) -> None:
-    export, outside = plant(tmp_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    before = snapshot(tmp_path, skip=("export", "run"))
+@contextlib.contextmanager
+def serve_process(export: Path, run: Path, token: bytes,
+                  *args: str) -> Iterator[tuple[subprocess.Popen[bytes], wire.Address]]:
+    """A real ``notifyfs serve`` on ``run/sock``, listening when this yields; stopped, and its
+    log checked for tracebacks, afterwards."""
     sock_path = run / "sock"
-    token = b"the-right-token"
     log = open(run / "serve.log", "wb")  # noqa: SIM115 (closed in the finally)
     proc = subprocess.Popen([sys.executable, "-m", "notifyfs", "serve", str(export),
-                             "--listen", f"unix:{sock_path}"],
+                             "--listen", f"unix:{sock_path}", *args],
                             env={**os.environ, "NOTIFYFS_TOKEN": token.decode()},
                             stdout=log, stderr=subprocess.STDOUT)
-    clients: list[socket.socket] = []
+    addr = wire.parse_address(f"unix:{sock_path}")
     try:
-        addr = wire.parse_address(f"unix:{sock_path}")
-
         def listening() -> bool:
             try:
                 wire.connect(addr).close()  # the socket file appears before listen(2)
@@ -1201,63 +1199,8 @@ def test_serve_process_survives_hostile_agents(tmp_path: Path) -> None:
 
         assert wait(listening)
         assert proc.poll() is None
-
-        def connect(tok: bytes | None = token) -> Client:
-            s = wire.connect(addr)
-            clients.append(s)
-            wire.client_handshake(s, tok, wire.SUPPORTED_FEATURES)
-            return Client(s)
-
-        # refused handshakes
-        for bad in (None, b"wrong"):
-            with pytest.raises(wire.HandshakeError, match="bad token"):
-                connect(bad)
-        s = wire.connect(addr)
-        clients.append(s)
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 16)
-        assert Client(s).closed_by_peer()
-        s = wire.connect(addr)
-        clients.append(s)
-        s.sendall(HELLO_FMT.pack(wire.MAGIC, 2, 0, 0, len(token)) + token)
-        assert wire._read_hello(s)[1] == wire.STATUS_BAD_VERSION
-
-        good = connect()
-        good.init()
-        good.alive()
-        # a garbage stream after a good handshake, then a flood nobody reads
-        bad = connect()
-        bad.init()
-        bad.send_raw(struct.pack("=I", 7) + b"\0" * 100)
-        assert bad.closed_by_peer()
-        flood = connect()
-        flood.init()
-        rss0 = rss_kib(proc.pid)
-        blob = b"".join(flood.frame(Opcode.GETATTR, 1, abi.GETATTR_IN)[1] for _ in range(60000))
-        flood.sock.setblocking(False)
-        pushed = 0
-        deadline = time.monotonic() + 8
-        stuck_since = None
-        while pushed < len(blob) and time.monotonic() < deadline:
-            try:
-                pushed += flood.sock.send(blob[pushed:pushed + 65536])
-                stuck_since = None
-            except BlockingIOError:
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > 1.5:
-                    break  # the server stopped reading: backpressure
-                time.sleep(0.05)
-                good.alive()
-        assert pushed < len(blob), "the server swallowed the whole flood"
-        # the server did not swallow everything into memory
-        assert rss_kib(proc.pid) - rss0 < 64 * 1024
-        good.alive()
-        flood.sock.setblocking(True)
-        flood.sock.close()
-        good.alive()
-        assert proc.poll() is None, "the server died"
+        yield proc, addr
     finally:
-        for s in clients:
-            s.close()
         proc.terminate()
         try:
             proc.wait(10)
@@ -1265,9 +1208,81 @@ def test_serve_process_survives_hostile_agents(tmp_path: Path) -> None:
             proc.kill()
             proc.wait(5)
         log.close()
-    assert snapshot(tmp_path, skip=("export", "run")) == before
     out = (run / "serve.log").read_text(errors="replace")
     assert "Traceback" not in out, out
+
+
+def test_serve_process_survives_hostile_agents(tmp_path: Path) -> None:
+    export, outside = plant(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    before = snapshot(tmp_path, skip=("export", "run"))
+    token = b"the-right-token"
+    clients: list[socket.socket] = []
+    with serve_process(export, run, token) as (proc, addr):
+        try:
+            _survive(proc, addr, token, clients)
+        finally:
+            for s in clients:
+                s.close()
+    assert snapshot(tmp_path, skip=("export", "run")) == before
+
+
+def _survive(proc: subprocess.Popen[bytes], addr: wire.Address, token: bytes,
+             clients: list[socket.socket]) -> None:
+    def connect(tok: bytes | None = token) -> Client:
+        s = wire.connect(addr)
+        clients.append(s)
+        wire.client_handshake(s, tok, wire.SUPPORTED_FEATURES)
+        return Client(s)
+
+    # refused handshakes
+    for bad in (None, b"wrong"):
+        with pytest.raises(wire.HandshakeError, match="bad token"):
+            connect(bad)
+    s = wire.connect(addr)
+    clients.append(s)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 16)
+    assert Client(s).closed_by_peer()
+    s = wire.connect(addr)
+    clients.append(s)
+    s.sendall(HELLO_FMT.pack(wire.MAGIC, 2, 0, 0, len(token)) + token)
+    assert wire._read_hello(s)[1] == wire.STATUS_BAD_VERSION
+
+    good = connect()
+    good.init()
+    good.alive()
+    # a garbage stream after a good handshake, then a flood nobody reads
+    bad = connect()
+    bad.init()
+    bad.send_raw(struct.pack("=I", 7) + b"\0" * 100)
+    assert bad.closed_by_peer()
+    flood = connect()
+    flood.init()
+    rss0 = rss_kib(proc.pid)
+    blob = b"".join(flood.frame(Opcode.GETATTR, 1, abi.GETATTR_IN)[1] for _ in range(60000))
+    flood.sock.setblocking(False)
+    pushed = 0
+    deadline = time.monotonic() + 8
+    stuck_since = None
+    while pushed < len(blob) and time.monotonic() < deadline:
+        try:
+            pushed += flood.sock.send(blob[pushed:pushed + 65536])
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 1.5:
+                break  # the server stopped reading: backpressure
+            time.sleep(0.05)
+            good.alive()
+    assert pushed < len(blob), "the server swallowed the whole flood"
+    # the server did not swallow everything into memory
+    assert rss_kib(proc.pid) - rss0 < 64 * 1024
+    good.alive()
+    flood.sock.setblocking(True)
+    flood.sock.close()
+    good.alive()
+    assert proc.poll() is None, "the server died"
 
 
 def _collect(c: Client, uniques: list[int]) -> list[int]:
@@ -1297,117 +1312,99 @@ def test_serve_process_bounded_under_hostile_load(tmp_path: Path) -> None:
         (export / f"f{i:04d}").write_bytes(b"x")
     run = tmp_path / "run"
     run.mkdir()
-    sock_path = run / "sock"
     token = b"bounded-token"
-    log = open(run / "serve.log", "wb")  # noqa: SIM115 (closed in the finally)
-    proc = subprocess.Popen([sys.executable, "-m", "notifyfs", "serve", str(export),
-                             "--listen", f"unix:{sock_path}", "--no-events", "--max-inodes", "1000",
-                             "--max-handles", "200", "--max-connections", "8"],
-                            env={**os.environ, "NOTIFYFS_TOKEN": token.decode()},
-                            stdout=log, stderr=subprocess.STDOUT)
     socks: list[socket.socket] = []
-    addr = wire.parse_address(f"unix:{sock_path}")
-    try:
-        def listening() -> bool:
-            try:
-                wire.connect(addr).close()
-                return True
-            except OSError:
-                return proc.poll() is not None
-
-        assert wait(listening) and proc.poll() is None
-
-        def connect() -> Client:
-            s = wire.connect(addr)
-            socks.append(s)
-            wire.client_handshake(s, token, 0)
-            c = Client(s)
-            c.init()
-            return c
-
-        good = connect()
-        good.alive()
-        rss0, fds0 = rss_kib(proc.pid), _fds(proc.pid)
-
-        # 1: look up every name, forget nothing (pipelined)
-        greedy = connect()
-        us = []
-        for i in range(3000):
-            u, f = greedy.frame(Opcode.LOOKUP, 1, names=(f"f{i:04d}".encode(),))
-            greedy.send_raw(f)
-            us.append(u)
-        errs = _collect(greedy, us)
-        # the limit is checked without a lock: concurrent workers may each pass it once
-        assert errs.count(0) <= 1000 + 8 and set(errs) <= {0, errno.ENFILE}, (errs.count(0), set(errs))
-        good.alive()
-        # 2: open without releasing
-        opener = connect()
-        fnode, _ = opener.lookup(1, b"hello")
-        us = []
-        for _ in range(1000):
-            u, f = opener.frame(Opcode.OPEN, fnode, abi.OPEN_IN, flags=os.O_RDONLY)
-            opener.send_raw(f)
-            us.append(u)
-        errs = _collect(opener, us)
-        assert errs.count(0) == 200 and set(errs) == {0, errno.EMFILE}, (errs.count(0), set(errs))
-        good.alive()
-        # 3: huge writes and small requests, never reading a reply
-        flood = connect()
-        hnode, _ = flood.lookup(1, b"hello")  # each agent has its own nodeids
-        hfh = flood.open(hnode, os.O_RDWR)
-        big = flood.frame(Opcode.WRITE, hnode, abi.WRITE_IN, fh=hfh + 1000, size=MAX_WRITE,
-                          data=bytes(MAX_WRITE))[1]  # EBADF: nothing is written
-        blob = b"".join([big] * 64 + [flood.frame(Opcode.GETATTR, 1, abi.GETATTR_IN)[1]
-                                      for _ in range(20000)])
-        flood.sock.setblocking(False)
-        pushed, stuck = 0, 0.0
-        deadline = time.monotonic() + 20
-        while pushed < len(blob) and time.monotonic() < deadline:
-            try:
-                pushed += flood.sock.send(blob[pushed:pushed + (1 << 20)])
-                stuck = 0.0
-            except BlockingIOError:
-                stuck = stuck or time.monotonic()
-                if time.monotonic() - stuck > 2:
-                    break
-                time.sleep(0.05)
-        assert pushed < len(blob), "the server swallowed everything without anyone reading"
-        good.alive()
-        # 4: a crowd of connections; past 8 they are refused with a reason
-        refused = 0
-        for _ in range(12):
-            s = wire.connect(addr)
-            socks.append(s)
-            try:
-                wire.client_handshake(s, token, 0)
-            except wire.HandshakeError as e:
-                assert "too many connections" in str(e)
-                refused += 1
-        assert refused >= 12 - (8 - 4), f"only {refused} of 12 refused"
-        good.alive()
-        rss1, fds1 = rss_kib(proc.pid), _fds(proc.pid)
-        print(f"\nserve under hostile load: RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}, "
-              f"{refused} connections refused")
-        assert rss1 - rss0 < 128 * 1024, "memory grew without bound"
-        assert fds1 - fds0 < 1000 + 200 + 100, "fds beyond the per-agent limits"
-        # the attackers leave: everything they cost is released
-        for c in (greedy, opener, flood):
-            c.close()
-        for s in socks[4:]:
-            s.close()
-        assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 40), (fds0, _fds(proc.pid))
-        good.alive()
-        assert proc.poll() is None
-    finally:
-        for s in socks:
-            s.close()
-        proc.terminate()
+    with serve_process(export, run, token, "--no-events", "--max-inodes", "1000",
+                       "--max-handles", "200", "--max-connections", "8") as (proc, addr):
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+            _bounded(proc, addr, token, socks)
+        finally:
+            for s in socks:
+                s.close()
     out = (run / "serve.log").read_text(errors="replace")
-    assert "Traceback" not in out, out
     assert "--max-inodes" in out and "--max-handles" in out and "--max-connections" in out
+
+
+def _bounded(proc: subprocess.Popen[bytes], addr: wire.Address, token: bytes,
+             socks: list[socket.socket]) -> None:
+    def connect() -> Client:
+        s = wire.connect(addr)
+        socks.append(s)
+        wire.client_handshake(s, token, 0)
+        c = Client(s)
+        c.init()
+        return c
+
+    good = connect()
+    good.alive()
+    rss0, fds0 = rss_kib(proc.pid), _fds(proc.pid)
+
+    # 1: look up every name, forget nothing (pipelined)
+    greedy = connect()
+    us = []
+    for i in range(3000):
+        u, f = greedy.frame(Opcode.LOOKUP, 1, names=(f"f{i:04d}".encode(),))
+        greedy.send_raw(f)
+        us.append(u)
+    errs = _collect(greedy, us)
+    # the limit is checked without a lock: concurrent workers may each pass it once
+    assert errs.count(0) <= 1000 + 8 and set(errs) <= {0, errno.ENFILE}, (errs.count(0), set(errs))
+    good.alive()
+    # 2: open without releasing
+    opener = connect()
+    fnode, _ = opener.lookup(1, b"hello")
+    us = []
+    for _ in range(1000):
+        u, f = opener.frame(Opcode.OPEN, fnode, abi.OPEN_IN, flags=os.O_RDONLY)
+        opener.send_raw(f)
+        us.append(u)
+    errs = _collect(opener, us)
+    assert errs.count(0) == 200 and set(errs) == {0, errno.EMFILE}, (errs.count(0), set(errs))
+    good.alive()
+    # 3: huge writes and small requests, never reading a reply
+    flood = connect()
+    hnode, _ = flood.lookup(1, b"hello")  # each agent has its own nodeids
+    hfh = flood.open(hnode, os.O_RDWR)
+    big = flood.frame(Opcode.WRITE, hnode, abi.WRITE_IN, fh=hfh + 1000, size=MAX_WRITE,
+                      data=bytes(MAX_WRITE))[1]  # EBADF: nothing is written
+    blob = b"".join([big] * 64 + [flood.frame(Opcode.GETATTR, 1, abi.GETATTR_IN)[1]
+                                  for _ in range(20000)])
+    flood.sock.setblocking(False)
+    pushed, stuck = 0, 0.0
+    deadline = time.monotonic() + 20
+    while pushed < len(blob) and time.monotonic() < deadline:
+        try:
+            pushed += flood.sock.send(blob[pushed:pushed + (1 << 20)])
+            stuck = 0.0
+        except BlockingIOError:
+            stuck = stuck or time.monotonic()
+            if time.monotonic() - stuck > 2:
+                break
+            time.sleep(0.05)
+    assert pushed < len(blob), "the server swallowed everything without anyone reading"
+    good.alive()
+    # 4: a crowd of connections; past 8 they are refused with a reason
+    refused = 0
+    for _ in range(12):
+        s = wire.connect(addr)
+        socks.append(s)
+        try:
+            wire.client_handshake(s, token, 0)
+        except wire.HandshakeError as e:
+            assert "too many connections" in str(e)
+            refused += 1
+    assert refused >= 12 - (8 - 4), f"only {refused} of 12 refused"
+    good.alive()
+    rss1, fds1 = rss_kib(proc.pid), _fds(proc.pid)
+    print(f"\nserve under hostile load: RSS {rss0} -> {rss1} KiB, fds {fds0} -> {fds1}, "
+          f"{refused} connections refused")
+    assert rss1 - rss0 < 128 * 1024, "memory grew without bound"
+    assert fds1 - fds0 < 1000 + 200 + 100, "fds beyond the per-agent limits"
+    # the attackers leave: everything they cost is released
+    for c in (greedy, opener, flood):
+        c.close()
+    for s in socks[4:]:
+        s.close()
+    assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 40), (fds0, _fds(proc.pid))
+    good.alive()
+    assert proc.poll() is None
