@@ -1408,3 +1408,34 @@ def _bounded(proc: subprocess.Popen[bytes], addr: wire.Address, token: bytes,
     assert wait(lambda: _fds(proc.pid) <= fds0 + 2, 40), (fds0, _fds(proc.pid))
     good.alive()
     assert proc.poll() is None
+
+
+def test_hostile_agent_cannot_flood_the_servers_log(tmp_path: Path) -> None:
+    """Each malformed request is logged, but a message repeated thousands of times is written a
+    bounded number of times (with a count of what was left out), so an agent cannot fill the
+    host's disk through the server's log."""
+    export, _ = plant(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    token = b"log-token"
+    with serve_process(export, run, token, "--no-events") as (_proc, addr):
+        s = wire.connect(addr)
+        try:
+            wire.client_handshake(s, token, 0)
+            c = Client(s)
+            c.init()
+            nodeid, _ = c.lookup(1, b"hello")
+            us = []
+            for _ in range(3000):
+                u = c.next_unique()
+                c.send_raw(raw_frame(Opcode.LOOKUP, u, 1, b"no-terminating-nul"))  # bad request
+                us.append(u)
+                c.forget(nodeid, 1 << 40)  # FORGET of more than was looked up
+            assert set(_collect(c, us)) == {errno.EINVAL}
+            c.alive()
+        finally:
+            s.close()
+    lines = (run / "serve.log").read_text(errors="replace").splitlines()
+    bad = [ln for ln in lines if "bad request" in ln]
+    assert 1 <= len(bad) <= 60, len(bad)
+    assert len(lines) < 200, len(lines)

@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=level, format="notifyfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:  # -vv logs everything; else a peer cannot flood the log
+        from .logutil import install
+        install()
     # imported here so that `notifyfs --help` stays fast
     from .agent.relay import MountError
     from .server.passthrough import Options
