@@ -143,7 +143,7 @@ def host_churn(root: Path, stop: threading.Event, counts: list[int], pause: floa
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("seconds,pause", [
     (8.0, 0.005),  # a busy host: several hundred changes a second
-    pytest.param(12.0, 0.0, marks=pytest.mark.xfail(
+    pytest.param(10.0, 0.0, marks=pytest.mark.xfail(
         strict=False,
         reason="known bug (agent side, not the server): after several seconds of this load every "
                "agent's injector blocks for ever in a FUSE request on its own mount "
@@ -210,19 +210,22 @@ def test_three_guests_mixed_io_while_the_host_churns(tmp_path: Path, seconds: fl
               f"({host_counts[0] / elapsed:.0f}/s), events {events} ({events / elapsed:.0f}/s), "
               f"overflows announced {overflows}, lost={sum(missing)}")
         if not settled:
+            # where each process is stuck: kernel wait channels always, Python stacks with
+            # NOTIFYFS_LOAD_DUMP=1 (py-spy)
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-            if os.path.exists(spy):
-                for a in [*agents, server]:
-                    for tid in os.listdir(f"/proc/{a.pid}/task"):
-                        comm = Path(f"/proc/{a.pid}/task/{tid}/comm").read_text().strip()
-                        wchan = Path(f"/proc/{a.pid}/task/{tid}/wchan").read_text()
-                        print(f"agent {a.pid} thread {tid} {comm}: {wchan}")
-                    try:
-                        r = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(a.pid)],
-                                           capture_output=True, text=True, timeout=30)
-                        print(f"--- agent {a.pid} ---\n{r.stdout[-6000:]}")
-                    except subprocess.TimeoutExpired:
-                        print(f"--- agent {a.pid}: py-spy timed out")
+            for a in [*agents, server]:
+                for tid in os.listdir(f"/proc/{a.pid}/task"):
+                    comm = Path(f"/proc/{a.pid}/task/{tid}/comm").read_text().strip()
+                    wchan = Path(f"/proc/{a.pid}/task/{tid}/wchan").read_text()
+                    print(f"pid {a.pid} thread {tid} {comm}: {wchan}")
+                if not (os.environ.get("NOTIFYFS_LOAD_DUMP") and os.path.exists(spy)):
+                    continue
+                try:
+                    r = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(a.pid)],
+                                       capture_output=True, text=True, timeout=30)
+                    print(f"--- pid {a.pid} ---\n{r.stdout[-6000:]}")
+                except subprocess.TimeoutExpired:
+                    print(f"--- pid {a.pid}: py-spy timed out")
             t = truth()
             detail = [{d: (sorted(v.state[d] - t[d])[:8], sorted(t[d] - v.state[d])[:8])
                        for d in dirs if v.state[d] != t[d]} for v in views]
