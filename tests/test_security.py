@@ -455,7 +455,15 @@ def test_tls_option_errors_are_one_line(tmp_path: Path) -> None:
         (["serve", str(tmp_path), "--listen", "tcp:127.0.0.1:1", "--max-pending", "0"],
          "at least 1"),
     ]
+
     for cmd, want in cases:
         r = subprocess.run([*NOTIFYFS, *cmd], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and want in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_tls_refused_on_virtio_serial(tmp_path: Path, pki: PKI) -> None:
+    r = subprocess.run([*NOTIFYFS, "serve", str(tmp_path), "--listen",
+                        f"virtio-serial:{tmp_path}/port.sock", "--tls-cert", pki.server_crt,
+                        "--tls-key", pki.server_key], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "TLS is not available on virtio-serial" in r.stderr, r.stderr

@@ -52,6 +52,9 @@ def serve(export: str, listen: str, options: Options, token: bytes | None, worke
         raise ServeError("the --max-* limits must be at least 1")
     server = make_server(export, options, token, workers, tls, max_connections, max_pending)
     addr = wire.parse_address(listen)
+    if tls is not None and addr.kind == "virtio-serial":
+        # the agent speaks through a port device, which carries no TLS (nor needs it)
+        raise ServeError("TLS is not available on virtio-serial (the VM's own channel)")
     try:
         listener = wire.listen(addr, token)
     except (OSError, ValueError) as e:
