@@ -35,6 +35,16 @@ def _stats(share: Share, path: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(path.read_text())["server"][0]  # type: ignore[no-any-return]
 
 
+def _traced_by(pid: int, tracer: subprocess.Popen[bytes]) -> bool:
+    """Every thread of ``pid`` is traced by ``tracer``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:") and int(line.split()[1]) != tracer.pid:
+                    return False
+    return True
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs: a host disk that fills up."""
@@ -68,8 +78,11 @@ def test_fsync_reaches_the_host_fd(tmp_path: Path, mode: list[str]) -> None:
             tracer = subprocess.Popen(["strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync",
                                        "-o", str(trace), "-p", str(share.proc.pid)],
                                       stderr=subprocess.DEVNULL)
-            time.sleep(1.0)  # strace attaches to every thread
-            if tracer.poll() is not None:
+            # strace attaches to the threads one by one: wait until it holds every one
+            if not wait_for(lambda: _traced_by(share.proc.pid, tracer) or tracer.poll() is not None,
+                            20) or tracer.poll() is not None:
+                tracer.kill()
+                tracer.wait()
                 tracer = None  # ptrace not allowed here (a container): the counter must do
         fd = os.open(mnt / "durable", os.O_RDWR | os.O_CREAT, 0o644)
         try:
