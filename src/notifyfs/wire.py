@@ -537,6 +537,11 @@ class FrameReader:
         self.min_len = min_len
         self.buf = bytearray()
         self.pending: list[bytes] = []
+        # recv(1 MiB) allocates and frees a 1 MiB bytes object per call (~16 us of CPU, most of
+        # a small request's cost); receiving into one reused buffer costs ~2 us
+        self._chunk = bytearray(1 << 20)
+        self._view = memoryview(self._chunk)
+        self._recv_into = getattr(sock, "recv_into", None)
 
     def read(self) -> bytes | None:
         """The next frame, or None at end of stream. Raises ProtocolError on a bad length."""
@@ -545,7 +550,10 @@ class FrameReader:
             if self.pending:
                 break
             try:
-                chunk = self.sock.recv(1 << 20)
+                if self._recv_into is not None:
+                    chunk: bytes | memoryview = self._view[:self._recv_into(self._chunk)]
+                else:
+                    chunk = self.sock.recv(1 << 20)
             except OSError:
                 return None
             if not chunk:
