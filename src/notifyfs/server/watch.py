@@ -58,6 +58,9 @@ class InotifyWatcher:
         self.entry_timeout, self.attr_timeout = timeouts
         self.max_watches = max_watches
         self.inotify = ino.Inotify(ino.IN_CLOEXEC | ino.IN_NONBLOCK)
+        # reused: os.read(READ_SIZE) would allocate 1 MiB per call, twice per batch
+        self._buf = bytearray(READ_SIZE)
+        self._view = memoryview(self._buf)
         self.lock = threading.Lock()
         self.wds: dict[int, int] = {}  # wd -> nodeid
         self.by_node: dict[int, int] = {}  # nodeid -> wd
@@ -226,7 +229,7 @@ class InotifyWatcher:
         out: list[ino.Event] = []
         while True:
             try:
-                buf = os.read(self.inotify.fd, READ_SIZE)
+                buf = bytes(self._view[:os.readv(self.inotify.fd, (self._buf,))])
             except BlockingIOError:
                 return started, out
             except OSError as e:
@@ -673,7 +676,7 @@ class FanotifyWatcher(InotifyWatcher):
         batch: list[fan.Event] = []
         while True:
             try:
-                batch.extend(fan.parse_events(os.read(self.fan, READ_SIZE)))
+                batch.extend(fan.parse_events(bytes(self._view[:os.readv(self.fan, (self._buf,))])))
             except BlockingIOError:
                 break
         workers = self.workers()
