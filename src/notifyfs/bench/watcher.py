@@ -72,7 +72,7 @@ def run_inotify(root: str, report: str) -> None:
         if 0 in r and not os.read(0, 4096):
             break
         if fd in r:
-            data = os.read(fd, 1 << 20)
+            data = os.read(fd, 1 << 16)
             now = time.monotonic_ns()
             lines = []
             for ev in ino.parse_events(data):
