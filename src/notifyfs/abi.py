@@ -49,6 +49,11 @@ class Layout:
             offsets[name] = off
             off += struct.calcsize("=" + fmt)
         self.offsets = offsets
+        # for pack()'s fast path: where the given values go, and the padding's zeros
+        self._slots = [i for i, f in enumerate(self.fields) if not f.startswith("_")]
+        self._template: list[Any] = [
+            (bytes(struct.calcsize("=" + fmt)) if fmt.endswith("s") else 0) if f.startswith("_")
+            else None for f, fmt in fields]
 
     def unpack_from(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         values = self.struct.unpack_from(buf, offset)
@@ -58,6 +63,14 @@ class Layout:
 
     def pack(self, *values: Any, **kw: Any) -> bytes:
         """Pack by position or keyword; fields starting with ``_`` (padding) are zero-filled."""
+        if not kw and len(values) == len(self._slots):
+            # every field given by position (every reply header and attr): no dict, no parsing
+            if len(self._slots) == len(self.fields):
+                return self.struct.pack(*values)
+            out_fast = list(self._template)
+            for i, v in zip(self._slots, values, strict=True):
+                out_fast[i] = v
+            return self.struct.pack(*out_fast)
         names = [f for f in self.fields if not f.startswith("_")]
         vals = dict(zip(names, values, strict=False))
         vals.update(kw)
