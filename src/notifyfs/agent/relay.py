@@ -392,12 +392,9 @@ class Relay:
 
     def _kernel_reader(self) -> None:
         mask = self.options.init_mask()
-        # one reused buffer: os.read(READ_BUFFER) would allocate ~1 MiB per request (~16 us)
-        buf = bytearray(READ_BUFFER)
-        view = memoryview(buf)
         while True:
             try:
-                data = bytes(view[:os.readv(self.devfd, (buf,))])
+                data = os.read(self.devfd, READ_BUFFER)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                     continue
