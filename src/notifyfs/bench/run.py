@@ -62,12 +62,11 @@ def run(args: argparse.Namespace) -> int:
     if want > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+            cfg.notes.append(f"RLIMIT_NOFILE raised from {soft} to {want} for the notifyfs processes")
         except (OSError, ValueError) as e:  # no CAP_SYS_RESOURCE: up to the hard limit only
-            want = hard
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             cfg.notes.append(f"RLIMIT_NOFILE cannot be raised above {hard} here ({e}); the server "
                              "holds one O_PATH fd per inode the guest knows")
-        cfg.notes.append(f"RLIMIT_NOFILE raised from {soft} to {want} for the notifyfs processes")
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "machine": machine(),
                                "notes": cfg.notes}
     started = time.monotonic()
