@@ -115,7 +115,7 @@ def test_server_killed_during_reads(tmp_path: Path) -> None:
     pair = _Pair(tmp_path)
     try:
         (pair.export / "data").write_bytes(os.urandom(1 << 20))
-        agent = pair.mount("-o", "sync_read")
+        agent = pair.mount("-o", "sync_read,reconnect=0")
         assert is_mounted(pair.mnt)
         result: dict[str, object] = {}
 

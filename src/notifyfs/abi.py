@@ -269,6 +269,7 @@ class Opcode:
     CUSE_INIT = 4096
     # notifyfs extension (the proposal's FUSE_FSNOTIFY was 51, now FUSE_TMPFILE)
     NOTIFYFS_FSNOTIFY = 4100
+    NOTIFYFS_REVIVE = 4101  # after a reconnect: the guest's inodes and open files (revive.py)
 
 
 OPCODE_NAMES: dict[int, str] = {
@@ -289,6 +290,7 @@ class NotifyCode:
     # notifyfs extension
     NOTIFYFS_EVENT = 100
     NOTIFYFS_OVERFLOW = 101
+    NOTIFYFS_HANDLE = 102  # the host file handle of a nodeid, for a later NOTIFYFS_REVIVE
 
 
 # --- INIT flags (64 bits: flags | flags2 << 32) ---------------------------------------------------

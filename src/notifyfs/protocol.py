@@ -128,6 +128,7 @@ _SHAPES: dict[int, _Shape] = {
     Opcode.TMPFILE: _Shape(abi.CREATE_IN, _NAME),
     Opcode.STATX: _Shape(abi.STATX_IN, _NONE),
     Opcode.NOTIFYFS_FSNOTIFY: _Shape(abi.NOTIFY_FSNOTIFY_IN, _NONE),
+    Opcode.NOTIFYFS_REVIVE: _Shape(None, _RAW),
 }
 KNOWN_OPCODES = frozenset(_SHAPES)
 

@@ -41,7 +41,8 @@ _HELLO = struct.Struct("<8sHHQH")
 FEATURE_FSNOTIFY = 1 << 0  # remote events (NOTIFYFS_FSNOTIFY / NOTIFYFS_NOTIFY_*)
 FEATURE_WRITEBACK = 1 << 1  # the server allows the kernel's writeback cache
 FEATURE_READONLY = 1 << 2  # the export is read-only (informational: enforced by the server)
-SUPPORTED_FEATURES = FEATURE_FSNOTIFY | FEATURE_WRITEBACK | FEATURE_READONLY
+FEATURE_REVIVE = 1 << 3  # NOTIFYFS_HANDLE / NOTIFYFS_REVIVE: the agent survives a server restart
+SUPPORTED_FEATURES = FEATURE_FSNOTIFY | FEATURE_WRITEBACK | FEATURE_READONLY | FEATURE_REVIVE
 
 STATUS_OK = 0
 STATUS_BAD_VERSION = 1

@@ -10,8 +10,13 @@ Threads (and what each may do):
   directory lock that a request in flight holds.
 * ``notifier`` writes notifications (and, with remote events, is where injection happens).
 
-If the server goes away, every request in flight is answered EIO, the mount is detached and the
-agent exits non-zero; closing /dev/fuse then makes every later call fail with ENOTCONN.
+If the server goes away and both sides speak ``revive`` (revive.py), the ``reconnect`` thread
+connects again with backoff for up to ``-o reconnect=SECONDS`` while requests wait: it hands the
+new server what the kernel holds (kernel_view.py), then retries the requests that were in flight
+if they are idempotent (the others get EIO: they may or may not have happened) and sends the ones
+that waited. Otherwise, or when the time is up, every request in flight is answered EIO, the mount
+is detached and the agent exits non-zero; closing /dev/fuse then makes every later call fail
+with ENOTCONN.
 
 Lock order: ``Relay.lock`` (in-flight set) is a leaf lock; the socket writer's lock is a leaf lock.
 """
@@ -26,6 +31,8 @@ import queue
 import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import abi, events, wire
@@ -39,7 +46,9 @@ from ..protocol import (
     parse_dirents,
     reply_error,
 )
+from .. import revive
 from .injector import Injector, is_local
+from .kernel_view import KernelView
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,16 @@ _ENTRY_OPS = (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.
               abi.Opcode.LINK, abi.Opcode.CREATE, abi.Opcode.READDIRPLUS)
 #: uniques of requests the agent itself sends to the server (the kernel's stay far below)
 AGENT_UNIQUE = 1 << 63
+_O = abi.Opcode
+#: requests that may be sent again after a reconnect when their fate is unknown: doing them twice
+#: is the same as doing them once (WRITE only when its file is not O_APPEND)
+_IDEMPOTENT = frozenset((
+    _O.LOOKUP, _O.GETATTR, _O.SETATTR, _O.READLINK, _O.OPEN, _O.READ, _O.WRITE, _O.STATFS,
+    _O.RELEASE, _O.FSYNC, _O.GETXATTR, _O.LISTXATTR, _O.FLUSH, _O.OPENDIR, _O.READDIR,
+    _O.RELEASEDIR, _O.FSYNCDIR, _O.ACCESS, _O.BMAP, _O.FALLOCATE, _O.READDIRPLUS, _O.LSEEK,
+    _O.COPY_FILE_RANGE, _O.STATX, _O.GETLK, _O.NOTIFYFS_FSNOTIFY))
+#: how long to wait for the answer to a NOTIFYFS_REVIVE chunk
+REVIVE_TIMEOUT = 60.0
 _INIT_FLAGS_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags"]
 _INIT_FLAGS2_OFFSET = abi.IN_HEADER.size + abi.INIT_IN.offsets["flags2"]
 
@@ -77,6 +96,7 @@ class MountOptions:
     max_write: int = MAX_WRITE
     events: str = "both"  # both: local and remote events; local: local events only
     inject: str = "watched"  # watched: only what /proc shows watched; all: every remote event
+    reconnect: float = 60.0  # seconds to try to reach a new server after losing one; 0: never
     extra: list[str] = field(default_factory=list)
 
     @classmethod
@@ -108,6 +128,8 @@ class MountOptions:
                 o.events = value
             elif key == "inject" and value in ("watched", "all"):
                 o.inject = value
+            elif key == "reconnect" and value.replace(".", "", 1).isdigit():
+                o.reconnect = float(value)
             elif key == "max_write" and value.isdigit() and 4096 <= int(value) <= MAX_WRITE:
                 o.max_write = int(value)
             elif key in ("default_permissions", "rootmode", "user_id", "group_id", "fd"):
@@ -145,6 +167,15 @@ def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
         st = os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        # the agent of an earlier mount here died: its mount is dead (every call ENOTCONN)
+        # and can only be detached; do that cleanup for the user, then mount afresh
+        log.warning("%s is a dead notifyfs mount (its agent is gone): detaching it", path)
+        _detach_dead_mount(path)
+    try:
+        st = os.stat(path)
     except FileNotFoundError:
         raise MountError(f"mountpoint {path} does not exist") from None
     except OSError as e:
@@ -154,6 +185,19 @@ def check_mountpoint(path: str) -> str:
     if os.listdir(path):
         raise MountError(f"mountpoint {path} is not empty")
     return path
+
+
+def _detach_dead_mount(path: str) -> None:
+    try:
+        if os.geteuid() == 0:
+            linux_mount.umount(path, linux_mount.MNT_DETACH)
+        else:
+            import subprocess
+            subprocess.run(["fusermount3", "-u", "-z", path], check=True,
+                           stderr=subprocess.PIPE)
+    except (OSError, Exception) as e:
+        raise MountError(f"mountpoint {path} is a dead mount that cannot be detached ({e}); "
+                         f"run: umount -l {path}") from None
 
 
 def open_fuse_device() -> int:
@@ -166,9 +210,13 @@ def open_fuse_device() -> int:
         raise MountError("/dev/fuse: permission denied") from None
 
 
+#: connects to the server again: a connected socket and the features agreed in the handshake
+Connector = Callable[[], tuple[wire.Stream, int]]
+
+
 class Relay:
     def __init__(self, sock: wire.Stream, mountpoint: str, options: MountOptions,
-                 features: int = 0) -> None:
+                 features: int = 0, connector: Connector | None = None) -> None:
         self.sock = sock
         self.mountpoint = mountpoint
         self.options = options
@@ -177,7 +225,7 @@ class Relay:
         self.used_fusermount = False
         self.writer = wire.FrameWriter(sock)
         self.lock = threading.Lock()
-        self.inflight: dict[int, int] = {}  # unique -> opcode
+        self.inflight: dict[int, bytes] = {}  # unique -> the request frame
         #: the kernel's lookup count per nodeid, as the entries it was given minus its FORGETs
         self.kernel_lookups: collections.Counter[int] = collections.Counter()
         self.server_dead = False
@@ -189,6 +237,19 @@ class Relay:
         self.exit_message = ""
         self._stopping = False
         self._fatal: tuple[int, str] | None = None
+        # --- reconnect (guarded by self.lock) ---
+        self.connector = connector
+        self.view = KernelView()
+        self.connected = True
+        self.reviving = False
+        self.held: list[bytes] = []  # requests that came while there was no server
+        self.held_forgets: list[bytes] = []  # FORGETs after the revive snapshot was taken
+        self.retry: list[bytes] = []  # idempotent requests in flight when the server was lost
+        self.masks: dict[int, int] = {}  # what the guest watches, as last published
+        self.reconnects = 0
+        self.init_frame = b""  # the kernel's INIT (as sent): a new server must see it first
+        self._conn_gen = 0  # which connection the current server-reader serves
+        self._waiters: dict[int, tuple[threading.Event, list[bytes]]] = {}
 
     # --- mounting ----------------------------------------------------------------------------
     @property
@@ -277,6 +338,8 @@ class Relay:
 
     def publish_masks(self, old: dict[int, int], new: dict[int, int]) -> None:
         """Tell the server what the guest watches (NOTIFYFS_FSNOTIFY), as changes."""
+        with self.lock:
+            self.masks = dict(new)
         for nodeid, mask in new.items():
             if old.get(nodeid) != mask:
                 self._send(events.fsnotify_request(self._unique(), nodeid, mask, events.FSNOTIFY_SET))
@@ -318,6 +381,7 @@ class Relay:
             return data
         if opcode in _ENTRY_OPS:
             self._count_entries(opcode, answer)
+        self.view.observe(data, answer)
         self._write_dev(answer)
         return None
 
@@ -339,6 +403,12 @@ class Relay:
         if self._stopping:
             return
         self._stopping = True
+        with self.lock:  # requests waiting for a new server: there will be none
+            waiting = [struct.unpack_from("=Q", f, 8)[0] for f in self.retry + self.held]
+            self.retry, self.held = [], []
+            self.server_dead = not self.connected or self.server_dead
+        for unique in waiting:
+            self._write_dev(reply_error(unique, errno.EIO))
         if self.injector is not None:
             self.injector.stop()  # before unmounting: it must not be inside a call on the mount
         try:
@@ -365,6 +435,7 @@ class Relay:
                     self.kernel_lookups[nodeid] += 1
 
     def _count_forgets(self, forgets: list[tuple[int, int]]) -> None:
+        gone = []
         with self.lock:
             for nodeid, n in forgets:
                 left = self.kernel_lookups[nodeid] - n
@@ -372,12 +443,16 @@ class Relay:
                     self.kernel_lookups[nodeid] = left
                 else:
                     del self.kernel_lookups[nodeid]
+                    gone.append(nodeid)
+        for nodeid in gone:
+            self.view.forgotten(nodeid)
 
     def stats(self) -> dict[str, object]:
         with self.lock:
             kl = dict(self.kernel_lookups)
         out: dict[str, object] = {"kernel_inodes": len(kl), "kernel_nlookup": sum(kl.values()),
-                                  "in_flight": len(self.inflight)}
+                                  "in_flight": len(self.inflight), "reconnects": self.reconnects,
+                                  "connected": self.connected}
         if self.injector is not None:
             out["injector"] = dict(self.injector.stats)
         return out
@@ -415,6 +490,8 @@ class Relay:
                     (flags2,) = struct.unpack_from("=I", buf, _INIT_FLAGS2_OFFSET)
                     struct.pack_into("=I", buf, _INIT_FLAGS2_OFFSET, flags2 & ~(mask >> 32))
                 data = bytes(buf)
+            if opcode == abi.Opcode.INIT:
+                self.init_frame = data
             if opcode == abi.Opcode.FORGET and len(data) >= abi.IN_HEADER.size + 8:
                 self._count_forgets([struct.unpack_from("=Q", data, 16) + struct.unpack_from(
                     "=Q", data, abi.IN_HEADER.size)])
@@ -423,6 +500,8 @@ class Relay:
                     self._count_forgets(list(decode_request(data).forgets))
                 except ProtocolError:
                     pass
+            elif opcode in (abi.Opcode.RELEASE, abi.Opcode.RELEASEDIR) and len(data) >= 48:
+                self.view.released(struct.unpack_from("=Q", data, abi.IN_HEADER.size)[0])
             if self.injector is not None:
                 fwd = self._injector_request(data, opcode, unique)
                 if fwd is None:
@@ -431,19 +510,37 @@ class Relay:
             needs_reply = opcode not in _NO_REPLY
             with self.lock:
                 dead = self.server_dead
-                if needs_reply and not dead:
-                    self.inflight[unique] = opcode
+                connected = self.connected
+                writer = self.writer
+                if not dead and connected and needs_reply:
+                    self.inflight[unique] = data
+                elif not dead and not connected:
+                    if opcode == abi.Opcode.FLUSH:
+                        # a close(2) in any process (a fork closing what it inherited, too)
+                        # must not wait for a new server: the dirty pages stay in the guest
+                        # and are written (and their errors reported) by WRITE and FSYNC
+                        pass
+                    elif needs_reply:
+                        self.held.append(data)  # sent once a new server has taken over
+                    elif self.reviving and opcode != abi.Opcode.INTERRUPT:
+                        self.held_forgets.append(data)  # after the counts the revive carries
             if dead:
                 if needs_reply:
                     self._write_dev(reply_error(unique, errno.EIO))
                 continue
+            if not connected:
+                if opcode == abi.Opcode.FLUSH:
+                    self._write_dev(abi.OUT_HEADER.pack(abi.OUT_HEADER.size, 0, unique))
+                continue
             try:
-                self.writer.write(data)
+                writer.write(data)
             except OSError:
-                pass  # the server reader notices the dead connection and answers in-flight EIO
+                pass  # the server reader notices the dead connection and deals with in-flight
 
     def _server_reader(self) -> None:
-        reader = wire.FrameReader(self.sock, wire.REPLY_MIN)
+        with self.lock:
+            sock, gen = self.sock, self._conn_gen
+        reader = wire.FrameReader(sock, wire.REPLY_MIN)
         reason = "the server closed the connection"
         while True:
             try:
@@ -455,24 +552,171 @@ class Relay:
                 break
             (unique,) = struct.unpack_from("=Q", frame, 8)
             if unique == 0:
-                if self.injector is not None:
+                if struct.unpack_from("=i", frame, 4)[0] == abi.NotifyCode.NOTIFYFS_HANDLE:
+                    self.view.handle_notification(frame[abi.OUT_HEADER.size:])
+                elif self.injector is not None:
                     self.injector.submit(frame)
                 else:
                     self.notifications.put(frame)
                 continue
             if unique & AGENT_UNIQUE:
-                continue  # the answer to one of the agent's own requests
+                with self.lock:  # the answer to one of the agent's own requests
+                    waiter = self._waiters.pop(unique, None)
+                if waiter is not None:
+                    waiter[1].append(frame)
+                    waiter[0].set()
+                continue
             with self.lock:
-                opcode = self.inflight.pop(unique, 0)
+                request = self.inflight.pop(unique, b"")
+            opcode = struct.unpack_from("=I", request, 4)[0] if request else 0
             if opcode in _ENTRY_OPS:
                 self._count_entries(opcode, frame)
+            if request:
+                self.view.observe(request, frame)
             self._write_dev(frame)
-        self._server_lost(reason)
+        try:
+            sock.close()
+        except OSError:
+            pass
+        with self.lock:
+            current = gen == self._conn_gen
+        if current:
+            self._server_lost(reason)
 
     def _server_lost(self, reason: str) -> None:
+        can_revive = (self.connector is not None and self.options.reconnect > 0
+                      and bool(self.features & wire.FEATURE_REVIVE))
+        with self.lock:
+            pending = sorted(self.inflight.items())
+            self.inflight.clear()
+            for waiter in self._waiters.values():
+                waiter[0].set()
+            if can_revive and not (self.done.is_set() or self._stopping):
+                self.connected = False
+                retry = [f for _u, f in pending if self._retryable(f)]
+                self.retry.extend(retry)
+            else:
+                self.server_dead = True
+                retry = []
+        if self.done.is_set() or self._stopping:
+            return
+        if can_revive:
+            uncertain = [u for u, f in pending if f not in retry]
+            log.warning("%s: reconnecting (for up to %gs); %d request(s) in flight will be "
+                        "retried, %d fail with EIO", reason, self.options.reconnect, len(retry),
+                        len(uncertain))
+            for unique in uncertain:
+                self._write_dev(reply_error(unique, errno.EIO))
+            threading.Thread(target=self._reconnect, args=(reason,), name="reconnect",
+                             daemon=True).start()
+            return
+        self._give_up(reason, [u for u, _f in pending])
+
+    def _retryable(self, frame: bytes) -> bool:
+        opcode = struct.unpack_from("=I", frame, 4)[0]
+        if opcode not in _IDEMPOTENT:
+            return False
+        if opcode == abi.Opcode.WRITE:
+            fh = struct.unpack_from("=Q", frame, abi.IN_HEADER.size)[0]
+            return not self.view.appends(fh)
+        return True
+
+    def _reconnect(self, reason: str) -> None:
+        """Reach a server again, hand it what the kernel holds, then let the requests go."""
+        assert self.connector is not None
+        deadline = time.monotonic() + self.options.reconnect
+        delay = 0.05
+        while not (self._stopping or self.done.is_set()):
+            try:
+                sock, features = self.connector()
+            except (OSError, wire.HandshakeError) as e:
+                if time.monotonic() + delay > deadline:
+                    self._give_up(f"{reason}; no server within {self.options.reconnect:g}s "
+                                  f"(last: {e})")
+                    return
+                log.info("reconnect failed (%s); next try in %.2fs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if not features & wire.FEATURE_REVIVE:
+                sock.close()
+                self._give_up(f"{reason}; the new server cannot take over (no revive)")
+                return
+            try:
+                self._revive(sock, features)
+            except (OSError, ProtocolError, TimeoutError) as e:
+                log.warning("handing over to the new server failed: %s", e)
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                with self.lock:
+                    self.reviving = False
+                    self.held_forgets.clear()
+                if time.monotonic() > deadline:
+                    self._give_up(f"{reason}; handing over failed: {e}")
+                    return
+                time.sleep(delay)
+                continue
+            return
+
+    def _revive(self, sock: wire.Stream, features: int) -> None:
+        writer = wire.FrameWriter(sock)
+        with self.lock:
+            self._conn_gen += 1
+            self.sock = sock
+            self.features = features
+            self.reviving = True
+            lookups = dict(self.kernel_lookups)
+            masks = dict(self.masks)
+        threading.Thread(target=self._server_reader, name="server-reader", daemon=True).start()
+        if self.init_frame:  # the same session as before: flags, minor, max_write
+            init = bytearray(self.init_frame)
+            struct.pack_into("=Q", init, 8, self._unique())
+            writer.write(bytes(init))
+        request = self.view.revive_request(lookups, masks)
+        stale = stale_files = 0
+        for chunk in revive.split(request):
+            unique = self._unique()
+            done = threading.Event()
+            answer: list[bytes] = []
+            with self.lock:
+                self._waiters[unique] = (done, answer)
+            writer.write(revive.encode_revive(unique, chunk))
+            if not done.wait(REVIVE_TIMEOUT) or not answer:
+                raise TimeoutError("no answer to NOTIFYFS_REVIVE")
+            (err,) = struct.unpack_from("=i", answer[0], 4)
+            if err:
+                raise ProtocolError(f"NOTIFYFS_REVIVE failed: {errno.errorcode.get(-err, err)}")
+            result = revive.decode_result(answer[0][abi.OUT_HEADER.size:])
+            stale += len(result.stale)
+            stale_files += len(result.stale_files)
+        with self.lock:
+            self.writer = writer
+            self.connected = True
+            self.reviving = False
+            self.reconnects += 1
+            forgets, self.held_forgets = self.held_forgets, []
+            resend = self.retry + self.held
+            self.retry, self.held = [], []
+            for frame in resend:
+                self.inflight[struct.unpack_from("=Q", frame, 8)[0]] = frame
+        for frame in forgets + resend:
+            try:
+                writer.write(frame)
+            except OSError:
+                break  # lost again: the new server-reader deals with it
+        log.warning("reconnected: %d inode(s), %d open file(s) handed over (%d and %d stale); "
+                    "%d request(s) sent again", len(lookups), len(request.files), stale,
+                    stale_files, len(resend))
+
+    def _give_up(self, reason: str, pending: list[int] | None = None) -> None:
         with self.lock:
             self.server_dead = True
-            pending = sorted(self.inflight)
+            self.connected = True  # nothing is held any more: the kernel-reader answers EIO
+            waiting = [struct.unpack_from("=Q", f, 8)[0] for f in self.retry + self.held]
+            self.retry, self.held = [], []
+            pending = sorted((pending or []) + waiting + list(self.inflight))
             self.inflight.clear()
         if self.done.is_set() or self._stopping:
             return

@@ -9,7 +9,7 @@ import ssl
 import sys
 
 from .. import wire
-from .relay import MountError, MountOptions, Relay, check_mountpoint
+from .relay import Connector, MountError, MountOptions, Relay, check_mountpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,19 @@ def _connect(addr: wire.Address, token: bytes | None, features: int,
     raise AssertionError("unreachable")
 
 
+def connector(addr: wire.Address, token: bytes | None, options: MountOptions,
+              tls: ssl.SSLContext | None = None, server_name: str | None = None) -> Connector:
+    """A function that connects to ``addr`` and does the handshake again, after a loss."""
+
+    def connect() -> tuple[wire.Stream, int]:
+        try:
+            return _connect(addr, token, agent_features(options), tls, server_name)
+        except MountError as e:
+            raise OSError(str(e)) from None
+
+    return connect
+
+
 def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | None,
           foreground: bool, tls: ssl.SSLContext | None = None, server_name: str | None = None) -> int:
     mountpoint = check_mountpoint(mountpoint)
@@ -80,7 +93,8 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
     except ValueError as e:
         raise MountError(str(e)) from None
     sock, features = _connect(addr, token, agent_features(options), tls, server_name)
-    relay = Relay(sock, mountpoint, options, features)
+    relay = Relay(sock, mountpoint, options, features,
+                  connector=connector(addr, token, options, tls, server_name))
     relay.mount()
     if not foreground and os.fork() > 0:
         os._exit(0)  # the parent returns once the mount exists; the child serves it

@@ -54,7 +54,8 @@ class Connection:
         #: answer too), so no request ever runs with a session it did not negotiate
         self.initialized = False
         self.early = 0  # requests refused for coming before INIT
-        fs.attach(self.send, bool(features & wire.FEATURE_FSNOTIFY))
+        fs.attach(self.send, bool(features & wire.FEATURE_FSNOTIFY),
+                  revive=bool(features & wire.FEATURE_REVIVE))
 
     def send(self, frame: bytes) -> None:
         try:

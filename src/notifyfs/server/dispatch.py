@@ -34,9 +34,10 @@ Notify = Callable[[bytes], None]
 class Filesystem:
     """Base class: answers ENOSYS for every operation a subclass does not define."""
 
-    def attach(self, notify: Notify, remote_events: bool) -> None:
+    def attach(self, notify: Notify, remote_events: bool, revive: bool = False) -> None:
         """Called once per connection with a function that sends a notification to the agent;
-        ``remote_events`` says whether the agent asked for remote events."""
+        ``remote_events`` says whether the agent asked for remote events, ``revive`` whether it
+        keeps what it needs to carry on with another server (revive.py)."""
 
     def close(self) -> None:
         """The connection is gone: release every resource held for it."""

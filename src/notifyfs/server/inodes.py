@@ -86,6 +86,11 @@ class InodeTable:
         self.names: dict[tuple[int, bytes], int] = {}
         #: called (outside the lock) with each inode whose last lookup was forgotten
         self.on_dead: Callable[[Inode], None] | None = None
+        #: nodeids an earlier server handed out that could not be revived: the guest kernel
+        #: may still use them, so they never denote another inode until it forgets them
+        self.retired: set[int] = set()
+        #: called (outside the lock, before the nodeid leaves) with each new inode
+        self.on_new: Callable[[Inode], None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -99,7 +104,8 @@ class InodeTable:
             else:
                 self._devs[dev] = idx
         nodeid = (idx << _INO_BITS) | ino
-        if idx == _RESERVED_INDEX or ino >> _INO_BITS or nodeid in (0, ROOT_ID) or nodeid in self.by_id:
+        if (idx == _RESERVED_INDEX or ino >> _INO_BITS or nodeid in (0, ROOT_ID)
+                or nodeid in self.by_id or nodeid in self.retired):
             while True:
                 nodeid = (_RESERVED_INDEX << _INO_BITS) | self._next_reserved
                 self._next_reserved += 1
@@ -125,6 +131,12 @@ class InodeTable:
             inode.refs += 1
             return inode
 
+    def acquire_if_live(self, nodeid: int) -> Inode | None:
+        try:
+            return self.acquire(nodeid)
+        except FuseError:
+            return None
+
     def release(self, inode: Inode) -> None:
         close = False
         with self.lock:
@@ -148,6 +160,7 @@ class InodeTable:
             return known
         handle = _handle(fd)
         gen = zlib.crc32(handle[4:]) if handle else 0
+        new = False
         with self.lock:
             inode = self.by_key.get(key)
             if inode is not None and not inode.dead:  # another worker won the race
@@ -160,15 +173,59 @@ class InodeTable:
                 self.by_key[key] = inode
                 if handle:
                     self.by_handle[handle] = inode
-                return inode
+                new = True
+        if new:
+            if self.on_new is not None:
+                self.on_new(inode)
+            return inode
         os.close(fd)
         return inode
+
+    def revive(self, nodeid: int, fd: int, st: os.stat_result, nlookup: int) -> Inode | None:
+        """Take back ``nodeid`` that an earlier server handed out, for the host inode behind
+        ``fd`` (O_PATH, owned by the table on success), with the guest's lookup count. None if
+        the nodeid cannot denote this inode (then the caller closes ``fd``)."""
+        handle = _handle(fd)
+        gen = zlib.crc32(handle[4:]) if handle else 0
+        key = (st.st_dev, st.st_ino)
+        idx = nodeid >> _INO_BITS
+        with self.lock:
+            if nodeid in self.by_id or nodeid in (0, ROOT_ID):
+                known = self.by_id.get(nodeid)
+                if known is not None and known.key == key and not known.dead:
+                    known.nlookup += nlookup
+                    os.close(fd)
+                    return known
+                return None
+            if key in self.by_key and not self.by_key[key].dead:
+                return None  # the inode is known under another nodeid
+            if idx != _RESERVED_INDEX:
+                if nodeid & ((1 << _INO_BITS) - 1) != st.st_ino:
+                    return None
+                have = self._devs.get(st.st_dev)
+                if have is None:
+                    if idx in self._devs.values() or idx >= _MAX_INDEX:
+                        return None
+                    self._devs[st.st_dev] = idx
+                elif have != idx:
+                    return None
+            inode = Inode(nodeid, fd, key, gen, stat.S_IFMT(st.st_mode), nlookup=nlookup,
+                          handle=handle)
+            self.by_id[nodeid] = inode
+            self.by_key[key] = inode
+            if handle:
+                self.by_handle[handle] = inode
+            if idx == _RESERVED_INDEX:
+                self._next_reserved = max(self._next_reserved,
+                                          (nodeid & ((1 << _INO_BITS) - 1)) + 1)
+            return inode
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         close = False
         with self.lock:
             inode = self.by_id.get(nodeid)
             if inode is None or nodeid == ROOT_ID:
+                self.retired.discard(nodeid)
                 if nodeid != ROOT_ID:
                     log.debug("FORGET of unknown nodeid %d", nodeid)
                 return

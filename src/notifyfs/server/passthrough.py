@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import abi
+from .. import revive as revive_wire
 from ..linux import fs as linux_fs
 from ..protocol import (
     MAX_WRITE,
     Attr,
     DirentBuffer,
+    ProtocolError,
     Request,
     Session,
     attr_out,
@@ -47,7 +49,7 @@ from ..protocol import (
 from ..linux import inotify as ino
 from .dispatch import Filesystem, FuseError, Notify
 from .echo import EchoFilter
-from .inodes import Inode, InodeTable
+from .inodes import ROOT_ID, Inode, InodeTable
 from .watch import InotifyWatcher, make_watcher
 
 log = logging.getLogger(__name__)
@@ -147,8 +149,16 @@ class Passthrough(Filesystem):
         self.watcher: InotifyWatcher | None = None
         self.refusals: dict[str, int] = {}  # requests refused by a per-agent limit, by limit
         self.fsyncs = 0  # fsync/fdatasync calls made on host fds (data safety tests count them)
+        self._handle_mount_fd = -1
+        #: what the guest knew of its watched directories, gathered over NOTIFYFS_REVIVE chunks
+        self._known: dict[int, dict[bytes, tuple[int, ...]]] = {}
 
-    def attach(self, notify: Notify, remote_events: bool) -> None:
+    def attach(self, notify: Notify, remote_events: bool, revive: bool = False) -> None:
+        if revive:
+            def on_new(inode: Inode) -> None:
+                if inode.handle:
+                    notify(revive_wire.handle_notification(inode.nodeid, inode.handle))
+            self.inodes.on_new = on_new
         if not (self.options.events and remote_events):
             return
         o = self.options
@@ -858,6 +868,168 @@ class Passthrough(Filesystem):
         self.watcher.set_mask(inode, req.arg.mask if req.arg.action else 0)
         return b""
 
+    # --- reconnect -----------------------------------------------------------------------------
+    def op_notifyfs_revive(self, req: Request) -> bytes:
+        """An agent that lost its server hands this one the inodes, open files and watches its
+        guest kernel still holds (revive.py). Each inode is found again by its host file handle
+        (or, without one, by its name in a revived parent) and must still be inside the export
+        and be the same inode; everything else is reported stale."""
+        try:
+            r = revive_wire.decode_revive(req.data)
+        except ProtocolError as e:
+            raise FuseError(errno.EINVAL, str(e)) from None
+        stale: list[int] = []
+        revived = 0
+        for n in r.nodes:
+            if n.nodeid == ROOT_ID or n.nlookup == 0:
+                continue
+            inode = self._revive_node(n.nodeid, n.nlookup, n.handle, n.parent, n.name)
+            if inode is None:
+                stale.append(n.nodeid)
+                continue
+            revived += 1
+            if inode.is_dir and self.watcher is not None:
+                self.watcher.watch(inode)
+        for parent, name, nodeid in r.names:
+            inode = self.inodes.acquire_if_live(nodeid)
+            if inode is not None:
+                self.inodes.remember(parent, name, inode)
+                self.inodes.release(inode)
+        with self.inodes.lock:
+            self.inodes.retired.update(stale)
+        with self.lock:  # no new handle may take the number of one the guest still holds
+            self._next_fh = max([self._next_fh, *(f.fh + 1 for f in r.files if f.fh < 1 << 62)])
+        stale_files = [f.fh for f in r.files if not self._revive_file(f.fh, f.nodeid, f.flags,
+                                                                      f.is_dir)]
+        if self.watcher is not None:
+            for nodeid, mask in r.watches:
+                inode = self.inodes.acquire_if_live(nodeid)
+                if inode is not None:
+                    try:
+                        self.watcher.set_mask(inode, mask)
+                    finally:
+                        self.inodes.release(inode)
+            self._known.update(self._known_listing(r))
+            if r.last:
+                known, self._known = self._known, {}
+                watcher = self.watcher
+                watcher.call_soon(lambda: watcher.rescan_after_restart(known, r.high_ctime))
+        log.info("revived %d inode(s) and %d open file(s) for a reconnected agent; %d stale",
+                 revived, len(r.files) - len(stale_files), len(stale) + len(stale_files))
+        return revive_wire.encode_result(revive_wire.ReviveResult(revived, stale, stale_files))
+
+    def _known_listing(self, r: revive_wire.Revive) -> dict[int, dict[bytes, tuple[int, ...]]]:
+        """What the guest knew of each directory it watches: name -> (ino, type, size, mtime,
+        ctime), -1 where it never saw a value."""
+        watched = {nodeid for nodeid, mask in r.watches if mask}
+        attrs = {n.nodeid: n.attr for n in r.nodes}
+        out: dict[int, dict[bytes, tuple[int, ...]]] = {d: {} for d in watched}
+        for parent, name, nodeid in r.names:
+            if parent not in watched:
+                continue
+            ino = nodeid & ((1 << 56) - 1) if nodeid >> 56 < 0xF0 else -1
+            a = attrs.get(nodeid)
+            out[parent][name] = (ino, *a) if a is not None else (ino, -1, -1, -1, -1)
+        return out
+
+    def _revive_node(self, nodeid: int, nlookup: int, handle: bytes, parent: int,
+                     name: bytes) -> Inode | None:
+        fd = -1
+        if handle and self.is_root:
+            try:
+                htype = int.from_bytes(handle[:4], "little", signed=True)
+                fd = linux_fs.open_by_handle(self._mount_fd(), htype, handle[4:])
+            except (OSError, ValueError):
+                fd = -1
+            if fd >= 0 and not self._inside_export(fd):
+                os.close(fd)
+                fd = -1
+        if fd < 0 and name:
+            try:
+                check_name(name)
+                p = self.inodes.acquire(parent)
+            except FuseError:
+                return None
+            try:
+                fd = self._lookup_fd(p, name)
+            except OSError:
+                return None
+            finally:
+                self.inodes.release(p)
+        if fd < 0:
+            return None
+        try:
+            st = os.fstat(fd)
+            inode = self.inodes.revive(nodeid, fd, st, nlookup)
+        except OSError:
+            inode = None
+        if inode is None:
+            os.close(fd)
+        return inode
+
+    def _mount_fd(self) -> int:
+        """A real (not O_PATH) fd on the export's filesystem, for open_by_handle_at."""
+        with self.lock:
+            if self._handle_mount_fd < 0:
+                self._handle_mount_fd = os.open(self.export, os.O_RDONLY | os.O_DIRECTORY
+                                                | os.O_CLOEXEC)
+            return self._handle_mount_fd
+
+    def _inside_export(self, fd: int) -> bool:
+        """Whether the inode behind ``fd`` (opened by handle: it may be anywhere on the host's
+        filesystem) is reachable inside the export: its path, resolved again beneath the export
+        root without symlinks, must lead to the same inode."""
+        try:
+            path = os.readlink(linux_fs.proc_path(fd))
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        if path == self.export:
+            return True
+        if not path.startswith(self.export.rstrip("/") + "/"):
+            return False
+        rel = path[len(self.export.rstrip("/")) + 1:]
+        try:
+            again = linux_fs.openat2(self.inodes.root.fd, rel, os.O_PATH | os.O_NOFOLLOW,
+                                     resolve=LOOKUP_RESOLVE)
+        except OSError:
+            return False
+        try:
+            st2 = os.fstat(again)
+        finally:
+            os.close(again)
+        return (st.st_dev, st.st_ino) == (st2.st_dev, st2.st_ino)
+
+    def _revive_file(self, fh: int, nodeid: int, flags: int, is_dir: bool) -> bool:
+        inode = self.inodes.acquire_if_live(nodeid)
+        if inode is None:
+            return False
+        try:
+            if is_dir != inode.is_dir or (not is_dir and inode.fmt != stat.S_IFREG):
+                return False
+            with self.lock:
+                if fh in self.handles or fh == 0 or fh >= 1 << 62:
+                    return False
+            try:
+                if is_dir:
+                    flags = os.O_RDONLY
+                    fd = os.open(linux_fs.proc_path(inode.fd),
+                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                else:
+                    # never truncate again what the guest already wrote
+                    flags = self._open_flags(flags & ~os.O_TRUNC)
+                    fd = os.open(linux_fs.proc_path(inode.fd), flags)
+            except (OSError, FuseError):
+                return False
+            with self.lock:
+                self.handles[fh] = Handle(fd, inode, flags, entries=[] if is_dir else None)
+                self._next_fh = max(self._next_fh, fh + 1)
+                with self.inodes.lock:
+                    inode.refs += 1
+            return True
+        finally:
+            self.inodes.release(inode)
+
     # --- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.watcher is not None:
@@ -871,6 +1043,9 @@ class Passthrough(Filesystem):
             except OSError:
                 pass
             self.inodes.release(h.inode)  # else close_all keeps the inode's fd open for ever
+        if self._handle_mount_fd >= 0:
+            os.close(self._handle_mount_fd)
+            self._handle_mount_fd = -1
         self.inodes.close_all()
         try:  # the table keeps the root for ever; the connection's end is its end
             os.close(self.inodes.root.fd)

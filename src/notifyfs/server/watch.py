@@ -77,6 +77,7 @@ class InotifyWatcher:
         self._later: dict[tuple[int, bytes], list[int]] = {}
         self._uses: dict[tuple[int, bytes], list[int]] = {}
         self._pos = 0
+        self._jobs: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self.watch(self.table.root)
@@ -172,13 +173,25 @@ class InotifyWatcher:
         finally:
             self.table.release(parent)
 
-    def _rescan(self) -> None:
-        """After an overflow: diff every snapshotted directory against the host and send the
-        difference as events; invalidate everything else the guest may have cached."""
+    def rescan_after_restart(self, known: dict[int, dict[bytes, tuple[int, ...]]],
+                             high_ctime: int) -> None:
+        """A new server took over from one that died: diff what the guest knew of each watched
+        directory (``known``: name -> (ino, type, size, mtime, ctime), -1 where the guest never
+        saw it) against the host now, and send the difference as events."""
+        self._rescan(known, high_ctime)
+
+    def _rescan(self, given: dict[int, dict[bytes, tuple[int, ...]]] | None = None,
+                high_ctime: int = 0) -> None:
+        """After an overflow (or a restart, with ``given``): diff every snapshotted directory
+        against the host and send the difference as events; invalidate everything else the
+        guest may have cached."""
         self._rescanning = True
         try:
-            with self.lock:
-                snaps = list(self.snapshots.items())
+            if given is None:
+                with self.lock:
+                    snaps = list(self.snapshots.items())
+            else:
+                snaps = list(given.items())
             for nodeid, old in snaps:
                 parent = self._parent(nodeid)
                 if parent is None:
@@ -190,23 +203,11 @@ class InotifyWatcher:
                 if new is None:
                     continue
                 with self.lock:
-                    self.snapshots[nodeid] = new
-                for name in sorted(old.keys() - new.keys()):
-                    isdir = ino.IN_ISDIR if old[name][1] == stat.S_IFDIR else 0
-                    self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
-                for name in sorted(new.keys() - old.keys()):
-                    isdir = ino.IN_ISDIR if new[name][1] == stat.S_IFDIR else 0
-                    self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
-                for name in sorted(new.keys() & old.keys()):
-                    a, b = old[name], new[name]
-                    isdir = ino.IN_ISDIR if b[1] == stat.S_IFDIR else 0
-                    if a[0] != b[0] or a[1] != b[1]:  # replaced by another inode
-                        self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
-                        self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
-                    elif a[2:4] != b[2:4]:
-                        self._content(nodeid, name, ino.Event(0, ino.IN_MODIFY | isdir, 0, name))
-                    elif a[4] != b[4]:
-                        self._content(nodeid, name, ino.Event(0, ino.IN_ATTRIB | isdir, 0, name))
+                    if given is None or nodeid in self.masks:
+                        self.snapshots[nodeid] = new
+                if given is not None:
+                    old = _complete(old, new, high_ctime)
+                self._diff(nodeid, old, new, close_write=given is not None)
             # names and attributes the guest caches outside the watched directories
             with self.table.lock:
                 names = list(self.table.names)
@@ -217,6 +218,30 @@ class InotifyWatcher:
                 self.send(inval_inode(nodeid))
         finally:
             self._rescanning = False
+
+    def _diff(self, nodeid: int, old: dict[bytes, tuple[int, ...]],
+              new: dict[bytes, tuple[int, ...]], close_write: bool) -> None:
+        for name in sorted(old.keys() - new.keys()):
+            isdir = ino.IN_ISDIR if old[name][1] == stat.S_IFDIR else 0
+            self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
+        for name in sorted(new.keys() - old.keys()):
+            isdir = ino.IN_ISDIR if new[name][1] == stat.S_IFDIR else 0
+            self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
+        for name in sorted(new.keys() & old.keys()):
+            a, b = old[name], new[name]
+            isdir = ino.IN_ISDIR if b[1] == stat.S_IFDIR else 0
+            if a[0] != b[0] or a[1] != b[1]:  # replaced by another inode
+                self._delete(nodeid, ino.Event(0, ino.IN_DELETE | isdir, 0, name))
+                self._create(nodeid, ino.Event(0, ino.IN_CREATE | isdir, 0, name))
+            elif a[2:4] != b[2:4]:
+                self._content(nodeid, name, ino.Event(0, ino.IN_MODIFY | isdir, 0, name))
+                if close_write and b[1] == stat.S_IFREG:
+                    # a host program wrote it while no server watched: it has closed it since
+                    # (or the guest learns of the rest later); watchers that wait for
+                    # CLOSE_WRITE to reload must hear of it
+                    self._content(nodeid, name, ino.Event(0, ino.IN_CLOSE_WRITE, 0, name), 0)
+            elif a[4] != b[4]:
+                self._content(nodeid, name, ino.Event(0, ino.IN_ATTRIB | isdir, 0, name))
 
     @property
     def watch_count(self) -> int:
@@ -248,12 +273,26 @@ class InotifyWatcher:
                 ready = poller.poll()
             except InterruptedError:
                 continue
-            if not self.running or any(f == self._stop_r for f, _ in ready):
+            if not self.running:
                 return
             try:
-                on_ready()
+                if any(f == fd for f, _ in ready):
+                    on_ready()
+                if any(f == self._stop_r for f, _ in ready):
+                    os.read(self._stop_r, 4096)
+                    with self.lock:
+                        jobs, self._jobs = self._jobs, []
+                    for job in jobs:
+                        job()
             except Exception:
                 log.exception("host watcher failed on a batch of events")
+
+    def call_soon(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the watcher thread (the only thread that emits remote events, so a
+        job's events keep their order with the host's)."""
+        with self.lock:
+            self._jobs.append(job)
+        os.write(self._stop_w, b"j")
 
     def _run(self) -> None:
         self._loop(self.inotify.fd, self._inotify_batch)
@@ -584,6 +623,28 @@ class InotifyWatcher:
 
 def _asdict(attr: Attr) -> dict[str, int]:
     return {f: getattr(attr, f) for f in Attr.__slots__}  # type: ignore[attr-defined]
+
+
+def _complete(old: dict[bytes, tuple[int, ...]], new: dict[bytes, tuple[int, ...]],
+              high_ctime: int) -> dict[bytes, tuple[int, ...]]:
+    """What the guest knew of a directory, completed with what it can be taken to have known:
+    a name it never looked up that has not changed since the newest ctime it saw
+    (``high_ctime``) was there before; where it never saw the attributes, a newer mtime means
+    the content changed and a newer ctime the attributes."""
+    out = dict(old)
+    for name, b in new.items():
+        a = out.get(name)
+        if a is None:
+            if b[4] <= high_ctime:
+                out[name] = b
+        elif a[0] == b[0] and a[2] < 0:  # same inode, attributes never seen
+            if b[3] > high_ctime:
+                out[name] = (a[0], b[1], -1, -1, b[4])  # content changed
+            elif b[4] > high_ctime:
+                out[name] = (*b[:4], -1)  # attributes changed
+            else:
+                out[name] = b
+    return out
 
 
 def _summary(st: os.stat_result) -> tuple[int, ...]:
