@@ -50,6 +50,24 @@ def force_unmount(path: str | Path) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+def abort_fuse(path: str | Path) -> None:
+    """Abort the FUSE connection mounted at ``path`` through fusectl, without touching the mount
+    itself (a stat or a fork that closes inherited files would wait on it), then detach it."""
+    conns = "/sys/fs/fuse/connections"
+    if not os.listdir(conns):
+        subprocess.run(["mount", "-t", "fusectl", "none", conns], check=False, capture_output=True)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == os.path.abspath(path):
+                try:
+                    with open(f"{conns}/{parts[2].split(':')[1]}/abort", "w") as a:
+                        a.write("1")
+                except OSError:
+                    pass
+    force_unmount(path)
+
+
 def can_mount() -> str | None:
     """None if this machine can run FUSE mounts as the tests do, else the reason it cannot."""
     if not os.path.exists("/dev/fuse"):

@@ -166,10 +166,14 @@ class MountOptions:
 def check_mountpoint(path: str) -> str:
     path = os.path.abspath(path)
     try:
-        st = os.stat(path)
+        os.stat(path)  # a dead mount may still answer a stat of its root from the cache ...
+        if os.path.isdir(path):
+            os.listdir(path)  # ... but not this
+    except FileNotFoundError:
+        pass
     except OSError as e:
         if e.errno != errno.ENOTCONN:
-            raise
+            raise MountError(f"mountpoint {path}: {e.strerror}") from None
         # the agent of an earlier mount here died: its mount is dead (every call ENOTCONN)
         # and can only be detached; do that cleanup for the user, then mount afresh
         log.warning("%s is a dead notifyfs mount (its agent is gone): detaching it", path)
