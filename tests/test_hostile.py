@@ -443,7 +443,7 @@ def test_requests_before_init(env: Env) -> None:
     c.alive()
 
 
-@pytest.mark.parametrize("opcode", [0, 7, 19, 53, 999, 4096, 4099, 4101, 0x7FFFFFFF, 0xFFFFFFFF])
+@pytest.mark.parametrize("opcode", [0, 7, 19, 53, 999, 4096, 4099, 4102, 0x7FFFFFFF, 0xFFFFFFFF])
 def test_unknown_opcode_gets_enosys(env: Env, opcode: int) -> None:
     c = env.connect()
     assert c.raw_err(opcode, 1) == errno.ENOSYS
@@ -1439,3 +1439,37 @@ def test_hostile_agent_cannot_flood_the_servers_log(tmp_path: Path) -> None:
     bad = [ln for ln in lines if "bad request" in ln]
     assert 1 <= len(bad) <= 60, len(bad)
     assert len(lines) < 200, len(lines)
+
+
+def test_revive_garbage_and_forged_handles(env: Env) -> None:
+    """NOTIFYFS_REVIVE from a hostile agent: a body that is not the format gets EINVAL; a host
+    file handle of a file outside the export (the handle is valid on the host's filesystem) and
+    a nodeid that names nothing are reported stale and never become usable nodeids."""
+    from notifyfs import revive
+    from notifyfs.linux import fs as linux_fs
+
+    c = env.connect()
+    for body in (b"", b"not json", b"[]", b'{"nodes": [[1, 2]]}', b'{"nodes": "x"}',
+                 b'{"nodes": [[5, 1, "zz", 1, "", null]]}', b"\xff" * 100):
+        assert c.raw_err(Opcode.NOTIFYFS_REVIVE, 1, body) == errno.EINVAL, body
+    secret = env.outside / "secret"
+    fd = os.open(secret, os.O_PATH)
+    try:
+        htype, handle, _mnt = linux_fs.name_to_handle(fd)
+    finally:
+        os.close(fd)
+    ino = secret.stat().st_ino
+    forged = htype.to_bytes(4, "little", signed=True) + handle
+    req = revive.Revive([revive.NodeRecord(ino, 1, forged, 1, b"", None),
+                         revive.NodeRecord(123456789, 1, b"", 1, b"no-such-name", None)],
+                        [revive.FileRecord(7, ino, os.O_RDWR, False)])
+    u = c.next_unique()
+    c.send_raw(revive.encode_revive(u, req))
+    r = c.expect(u)
+    assert r.error == 0
+    result = revive.decode_result(r.payload)
+    assert sorted(result.stale) == sorted([ino, 123456789]) and result.revived == 0
+    assert result.stale_files == [7]
+    assert c.err(Opcode.GETATTR, ino, abi.GETATTR_IN) == errno.ESTALE
+    assert secret.read_bytes() == SECRET
+    c.alive()
