@@ -98,6 +98,7 @@ SHAPES: dict[int, tuple[abi.Layout | None, str]] = {
     Opcode.TMPFILE: (abi.CREATE_IN, NAME),
     Opcode.STATX: (abi.STATX_IN, NONE),
     Opcode.NOTIFYFS_FSNOTIFY: (abi.NOTIFY_FSNOTIFY_IN, NONE),
+    Opcode.NOTIFYFS_REVIVE: (None, RAW),
 }
 OPCODES = sorted(SHAPES)
 WITH_ARG = [op for op in OPCODES if SHAPES[op][0] is not None]
@@ -300,7 +301,7 @@ def test_header_length_mismatch() -> None:
     raises(decode_request, struct.pack("=I", 0xFFFFFFFF) + good[4:], unique=12)
 
 
-@pytest.mark.parametrize("op", [0, 7, 19, 53, 200, Opcode.CUSE_INIT, 4101, 0xFFFFFFFF])
+@pytest.mark.parametrize("op", [0, 7, 19, 53, 200, Opcode.CUSE_INIT, 4102, 0xFFFFFFFF])
 def test_unknown_opcode(op: int) -> None:
     raises(decode_request, frame(op, b"whatever", unique=31), unique=31, err=errno.ENOSYS)
 
