@@ -192,14 +192,14 @@ def check_mountpoint(path: str) -> str:
 
 
 def _detach_dead_mount(path: str) -> None:
+    import subprocess
     try:
         if os.geteuid() == 0:
             linux_mount.umount(path, linux_mount.MNT_DETACH)
         else:
-            import subprocess
             subprocess.run(["fusermount3", "-u", "-z", path], check=True,
                            stderr=subprocess.PIPE)
-    except (OSError, Exception) as e:
+    except (OSError, subprocess.CalledProcessError) as e:
         raise MountError(f"mountpoint {path} is a dead mount that cannot be detached ({e}); "
                          f"run: umount -l {path}") from None
 
@@ -595,17 +595,21 @@ class Relay:
             self.inflight.clear()
             for waiter in self._waiters.values():
                 waiter[0].set()
+            retry: list[bytes] = []
+            uncertain: list[int] = []
             if can_revive and not (self.done.is_set() or self._stopping):
                 self.connected = False
-                retry = [f for _u, f in pending if self._retryable(f)]
+                for unique, frame in pending:
+                    if self._retryable(frame):
+                        retry.append(frame)
+                    else:
+                        uncertain.append(unique)
                 self.retry.extend(retry)
             else:
                 self.server_dead = True
-                retry = []
         if self.done.is_set() or self._stopping:
             return
         if can_revive:
-            uncertain = [u for u, f in pending if f not in retry]
             log.warning("%s: reconnecting (for up to %gs); %d request(s) in flight will be "
                         "retried, %d fail with EIO", reason, self.options.reconnect, len(retry),
                         len(uncertain))
