@@ -204,3 +204,29 @@ def test_vsock_loopback() -> None:
         listener.close()
         t.join(timeout=5)
         os.rmdir(export)
+
+
+def test_tcp_detects_a_vanished_peer() -> None:
+    """Over TCP both ends turn on keepalive and TCP_USER_TIMEOUT, so a connection whose peer
+    vanished without FIN or RST (a network drop) ends instead of staying half-open for ever;
+    a unix socket is left alone."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    try:
+        client = socket.create_connection(lsock.getsockname())
+        server, _ = lsock.accept()
+        with client, server:
+            for s in (client, server):
+                wire.tune(s)
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == wire.KEEPALIVE_IDLE
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == \
+                    wire.KEEPALIVE_INTERVAL
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == wire.KEEPALIVE_PROBES
+                assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == \
+                    wire.DEAD_PEER_TIMEOUT * 1000
+    finally:
+        lsock.close()
+    a, b = socket.socketpair()
+    with a, b:
+        wire.tune(a)
+        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0

@@ -380,8 +380,25 @@ def _connect(addr: Address, timeout: float) -> Stream:
     return sock
 
 
+#: TCP dead-peer detection (see tune): probes after this many idle seconds, one every
+#: KEEPALIVE_INTERVAL, KEEPALIVE_PROBES unanswered ones end the connection; data unacknowledged
+#: for DEAD_PEER_TIMEOUT seconds ends it too
+KEEPALIVE_IDLE = 15
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_PROBES = 3
+DEAD_PEER_TIMEOUT = 30
+
+
 def tune(sock: Stream) -> None:
-    """Large buffers: a 1 MiB WRITE should not need many round trips through the socket."""
+    """Large buffers: a 1 MiB WRITE should not need many round trips through the socket.
+
+    Over TCP, also detect a peer that vanished without a FIN or RST (a network drop, a NAT or
+    firewall that forgot the connection, a VM that was powered off): without it such a
+    connection is half-open for ever. The server would keep the old connection's inodes,
+    handles, inotify watches and threads (and its event writer blocks once the buffers are
+    full) while the agent reconnects; the agent would wait for ever for replies instead of
+    reconnecting. Keepalive covers an idle connection, TCP_USER_TIMEOUT one with data in flight.
+    """
     if not isinstance(sock, socket.socket):
         return
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -391,6 +408,12 @@ def tune(sock: Stream) -> None:
             pass
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in ((socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+                           (socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+                           (socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+                           (socket.TCP_USER_TIMEOUT, DEAD_PEER_TIMEOUT * 1000)):
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
 class _Deadline:
