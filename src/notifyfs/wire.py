@@ -287,9 +287,11 @@ class TLSStream:
         fd = self.sock.fileno()
         if fd < 0:
             raise OSError(errno.EBADF, "TLS stream closed")
-        r, w, _ = select.select([] if for_write else [fd], [fd] if for_write else [], [],
-                                self.timeout)
-        if not r and not w:
+        # poll, not select: with the open files limit raised (fdlimit.py) a server holding many
+        # inodes gives new connections fds above select's FD_SETSIZE (1024)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if for_write else select.POLLIN)
+        if not poller.poll(None if self.timeout is None else self.timeout * 1000):
             raise TimeoutError("timed out")
 
     def recv(self, n: int) -> bytes:

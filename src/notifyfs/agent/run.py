@@ -9,6 +9,7 @@ import ssl
 import sys
 
 from .. import wire
+from ..fdlimit import raise_nofile_limit
 from .relay import Connector, MountError, MountOptions, Relay, check_mountpoint
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def connector(addr: wire.Address, token: bytes | None, options: MountOptions,
 def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | None,
           foreground: bool, tls: ssl.SSLContext | None = None, server_name: str | None = None) -> int:
     mountpoint = check_mountpoint(mountpoint)
+    raise_nofile_limit("agent")
     try:
         addr = wire.parse_address(address)
     except ValueError as e:

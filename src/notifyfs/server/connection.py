@@ -14,6 +14,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 from .. import abi, wire
@@ -237,8 +238,17 @@ class Server:
             sock.close()
             return
         log.info("%s: connected%s", peer, " (TLS)" if isinstance(sock, ssl.SSLSocket) else "")
-        conn = Connection(wire.stream(sock), self.make_fs(), workers=self.workers,
-                          max_pending=self.max_pending, peer=peer, features=agreed)
+        fs: Filesystem | None = None
+        try:
+            fs = self.make_fs()
+            conn = Connection(wire.stream(sock), fs, workers=self.workers,
+                              max_pending=self.max_pending, peer=peer, features=agreed)
+        except OSError as e:  # no fd left for the export root or the host watcher (EMFILE)
+            log.error("%s: cannot serve this agent: %s", peer, e)
+            if fs is not None:
+                fs.close()
+            sock.close()
+            return
         with self.lock:
             self.connections.add(conn)
         try:
@@ -260,6 +270,10 @@ class Server:
                 if e.errno in (errno.EBADF, errno.EINVAL):
                     return
                 log.warning("accept failed: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # the connection stays queued and accept fails again at once: wait for an
+                    # fd to be freed instead of spinning
+                    time.sleep(0.1)
                 continue
             peer = str(addr) if addr else "agent"
             threading.Thread(target=self.serve_socket, args=(sock, peer), daemon=True,

@@ -148,6 +148,7 @@ class Passthrough(Filesystem):
         self.worker_tids: set[int] = set()
         self.watcher: InotifyWatcher | None = None
         self.refusals: dict[str, int] = {}  # requests refused by a per-agent limit, by limit
+        self.out_of_fds = 0  # requests that failed because the process ran out of fds
         self.fsyncs = 0  # fsync/fdatasync calls made on host fds (data safety tests count them)
         self._handle_mount_fd = -1
         #: what the guest knew of its watched directories, gathered over NOTIFYFS_REVIVE chunks
@@ -175,6 +176,10 @@ class Passthrough(Filesystem):
         token = self._expect(req) if self.watcher is not None else 0
         try:
             return super().handle(req)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                self._fds_exhausted(req, e.errno)
+            raise
         finally:
             if token:
                 self.echo.done(token)
@@ -202,6 +207,20 @@ class Passthrough(Filesystem):
             log.warning("agent holds %d %s (the limit, --max-%s): %s (%d refused so far)", limit,
                         what, what, errno.errorcode[err], n)
         return FuseError(err, f"too many {what}")
+
+    def _fds_exhausted(self, req: Request, err: int) -> None:
+        """The process (EMFILE) or the system (ENFILE) has no fd left: the guest gets that error
+        for this request; now and then the log says so (a guest that keeps looking up would
+        otherwise fill it)."""
+        self.out_of_fds += 1
+        n = self.out_of_fds
+        if n == 1 or n % 1000 == 0:
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning("out of file descriptors (%s; open files limit %d, one per inode the "
+                        "agent holds and per open file): %s gets %s (%d so far); raise the hard "
+                        "RLIMIT_NOFILE or lower --max-inodes", os.strerror(err), soft,
+                        req.opname, errno.errorcode[err], n)
 
     def _room_for_inode(self) -> None:
         """Refuse a request that would create a file when the agent holds its limit of inodes,
@@ -1059,7 +1078,8 @@ class Passthrough(Filesystem):
         counts.pop(1, None)  # the root is never forgotten
         out: dict[str, Any] = {"inodes": len(counts), "nlookup": sum(counts.values()),
                                "handles": nh, "echo_suppressed": self.echo.suppressed,
-                               "fsyncs": self.fsyncs, "refused": dict(self.refusals)}
+                               "fsyncs": self.fsyncs, "refused": dict(self.refusals),
+                               "out_of_fds": self.out_of_fds}
         if self.watcher is not None:
             out.update(watches=self.watcher.watch_count, events_sent=self.watcher.sent,
                        overflows=self.watcher.overflows, snapshots=len(self.watcher.snapshots),

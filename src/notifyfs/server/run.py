@@ -9,6 +9,7 @@ import ssl
 import threading
 
 from .. import wire
+from ..fdlimit import inode_room, raise_nofile_limit
 from .connection import Server
 from .passthrough import Options, Passthrough
 
@@ -26,10 +27,28 @@ def check_export(export: str) -> str:
     return os.path.realpath(export)
 
 
+def fit_inodes_to_fds(options: Options, nofile: int) -> None:
+    """Each inode a guest holds is an fd: a --max-inodes past the open files limit would never
+    be reached, lookups would fail with EMFILE first. The default is lowered to what the fds
+    allow (so the guest gets the limit's ENFILE and the log says why); an explicit value is
+    kept, with a warning."""
+    room = inode_room(nofile)
+    if options.max_inodes <= room:
+        return
+    if options.max_inodes == Options.max_inodes:
+        log.info("--max-inodes: %d per agent (what the open files limit of %d allows)", room,
+                 nofile)
+        options.max_inodes = room
+    else:
+        log.warning("--max-inodes %d is more than the open files limit (%d) allows: past about "
+                    "%d inodes, lookups fail with EMFILE", options.max_inodes, nofile, room)
+
+
 def make_server(export: str, options: Options, token: bytes | None, workers: int = 8,
                 tls: ssl.SSLContext | None = None, max_connections: int = 64,
                 max_pending: int = 256) -> Server:
     export = check_export(export)
+    fit_inodes_to_fds(options, raise_nofile_limit("server"))
     os.umask(0)  # the guest kernel already applied the caller's umask
     if options.squash is not None and os.geteuid() == 0:
         os.setgroups([])  # squashed workers act as UID:GID alone, not with root's groups
