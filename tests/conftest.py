@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,91 @@ def share(tmp_path: Path) -> Iterator[Share]:
         yield s
     finally:
         s.stop()
+
+
+class ServedPair:
+    """``notifyfs serve`` and ``notifyfs mount -f`` as two processes, over a unix socket unless
+    ``listen`` says otherwise; the server can be killed and started again on the same address.
+
+    Both run with ``-v``; the server's stderr goes to ``server.log`` (appended across restarts),
+    the agent's to ``agent.log`` (files, not pipes: a pipe nobody reads would block a chatty
+    process). ``address`` is what the agent connects to (a test may put a relay in between);
+    ``preexec`` runs in the server's process before it starts (to set its limits)."""
+
+    def __init__(self, tmp: Path, *serve_args: str, env: dict[str, str] | None = None,
+                 listen: str | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.export = tmp / "export"
+        self.mnt = tmp / "mnt"
+        self.sock = tmp / "notifyfs.sock"
+        self.log = tmp / "server.log"
+        self.agent_log = tmp / "agent.log"
+        self.export.mkdir()
+        self.mnt.mkdir()
+        self.serve_args = serve_args
+        self.env = env
+        self.listen = listen or f"unix:{self.sock}"
+        self.address = self.listen
+        self.preexec = preexec
+        self.server: subprocess.Popen[bytes] | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.start_server()
+
+    def start_server(self) -> None:
+        with open(self.log, "ab") as log:
+            self.server = subprocess.Popen(
+                [*NOTIFYFS, "-v", "serve", str(self.export), "--listen", self.listen,
+                 *self.serve_args], stderr=log, env=self.env, preexec_fn=self.preexec)
+        server = self.server
+        assert wait_for(lambda: self._listening() or server.poll() is not None, 10)
+        assert server.poll() is None, f"server did not listen: {self.server_output()}"
+
+    def _listening(self) -> bool:
+        kind, _, rest = self.listen.partition(":")
+        try:
+            if kind == "tcp":
+                host, _, port = rest.rpartition(":")
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+                return True
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(rest)
+            return True
+        except OSError:
+            return False
+
+    def kill_server(self) -> None:
+        assert self.server is not None
+        self.server.send_signal(signal.SIGKILL)
+        self.server.wait(10)
+
+    def mount(self, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.agent_log, "ab") as log:
+            agent = self.agent = subprocess.Popen(
+                [*NOTIFYFS, "-v", "mount", self.address, str(self.mnt), "-f", *args],
+                stderr=log, env=self.env)
+        assert wait_for(lambda: is_mounted(self.mnt) or agent.poll() is not None, 15)
+        assert is_mounted(self.mnt), self.agent_output()
+        return agent
+
+    def server_output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def agent_output(self) -> str:
+        return self.agent_log.read_text(errors="replace") if self.agent_log.exists() else ""
+
+    def close(self) -> None:
+        for p in (self.agent, self.server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    # a thread of it waits on its own mount, in a lock no signal breaks:
+                    # abort the connection (no stat of the mountpoint, no fork: both would
+                    # wait on the mount too)
+                    abort_fuse(self.mnt)
+                    p.wait(10)
+        force_unmount(self.mnt)
 
 
 def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, ...]]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import NOTIFYFS, abort_fuse, force_unmount, is_mounted, requires_mount, wait_for
+from conftest import ServedPair, requires_mount
 
 pytestmark = [requires_mount, pytest.mark.timeout(120)]
 
@@ -31,41 +30,6 @@ def _soft_limit(pid: int) -> int:
             if line.startswith("Max open files"):
                 return int(line.split()[3])
     raise AssertionError("no open files line in /proc/PID/limits")
-
-
-class _Served:
-    """``notifyfs serve`` started with a given open files limit, and ``notifyfs mount -f``."""
-
-    def __init__(self, tmp: Path, limit, *serve_args: str) -> None:  # type: ignore[no-untyped-def]
-        self.export, self.mnt = tmp / "export", tmp / "mnt"
-        self.export.mkdir()
-        self.mnt.mkdir()
-        self.log = tmp / "server.log"
-        sock = tmp / "notifyfs.sock"
-        with open(self.log, "wb") as log:
-            self.server = subprocess.Popen(
-                [*NOTIFYFS, "-v", "serve", str(self.export), "--listen", f"unix:{sock}",
-                 *serve_args], stderr=log, preexec_fn=limit)
-        self.agent: subprocess.Popen[bytes] | None = None
-        assert wait_for(lambda: sock.exists() or self.server.poll() is not None, 10)
-        assert self.server.poll() is None, self.output()
-        self.agent = subprocess.Popen([*NOTIFYFS, "mount", f"unix:{sock}", str(self.mnt), "-f"],
-                                      stderr=subprocess.DEVNULL)
-        assert wait_for(lambda: is_mounted(self.mnt), 15), self.output()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def close(self) -> None:
-        for p in (self.agent, self.server):
-            if p is not None and p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    abort_fuse(self.mnt)
-                    p.wait(10)
-        force_unmount(self.mnt)
 
 
 def _hold(mnt: Path, names: list[str]) -> tuple[list[int], dict[int, int]]:
@@ -89,11 +53,13 @@ def test_export_holds_more_inodes_than_a_1024_soft_limit(tmp_path: Path) -> None
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 4000:
         pytest.skip(f"the hard open files limit here ({hard}) is too low to show the difference")
-    s = _Served(tmp_path, _nofile(1024))
+    s = ServedPair(tmp_path, preexec=_nofile(1024))
+    s.mount()
+    assert s.server is not None
     fds: list[int] = []
     try:
-        assert _soft_limit(s.server.pid) > 3000, s.output()
-        assert "open files limit (RLIMIT_NOFILE) raised from 1024 to" in s.output()
+        assert _soft_limit(s.server.pid) > 3000, s.server_output()
+        assert "open files limit (RLIMIT_NOFILE) raised from 1024 to" in s.server_output()
         (s.export / "many").mkdir()
         names = [f"f{i:05d}" for i in range(3000)]
         for name in names:
@@ -120,7 +86,9 @@ def test_out_of_fds_is_an_error_for_the_guest(tmp_path: Path, max_inodes: str) -
     Either way the server logs why (once, not per request), stays up, and what the guest
     already holds keeps working."""
     args = ("--max-inodes", "100000") if max_inodes == "explicit" else ()
-    s = _Served(tmp_path, _nofile(200, 200), *args)
+    s = ServedPair(tmp_path, *args, preexec=_nofile(200, 200))
+    s.mount()
+    assert s.server is not None
     fds: list[int] = []
     try:
         (s.export / "many").mkdir()
@@ -131,8 +99,8 @@ def test_out_of_fds_is_an_error_for_the_guest(tmp_path: Path, max_inodes: str) -
         want = errno.ENFILE if max_inodes == "default" else errno.EMFILE
         assert set(errors) == {want}, errors
         assert 50 < len(fds) < 200, len(fds)
-        assert s.server.poll() is None, s.output()
-        out = s.output()
+        assert s.server.poll() is None, s.server_output()
+        out = s.server_output()
         if max_inodes == "default":
             assert "--max-inodes: 150 per agent (what the open files limit of 200 allows)" in out
             assert out.count("(the limit, --max-inodes)") == 1, out

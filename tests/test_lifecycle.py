@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOTIFYFS, force_unmount, is_mounted, requires_mount, start_share, wait_for
+from conftest import (NOTIFYFS, ServedPair, force_unmount, is_mounted, requires_mount, start_share,
+                      wait_for)
 
 pytestmark = requires_mount
 
@@ -61,39 +62,8 @@ def test_unmount_while_busy_still_exits(tmp_path: Path) -> None:
         s.stop()
 
 
-class _Pair:
-    """``notifyfs serve`` and ``notifyfs mount -f`` as two processes over a unix socket."""
-
-    def __init__(self, tmp: Path, *serve_args: str, env: dict[str, str] | None = None) -> None:
-        self.export = tmp / "export"
-        self.mnt = tmp / "mnt"
-        self.sock = tmp / "notifyfs.sock"
-        self.export.mkdir()
-        self.mnt.mkdir()
-        self.env = env
-        self.server = subprocess.Popen(
-            [*NOTIFYFS, "serve", str(self.export), "--listen", f"unix:{self.sock}", *serve_args],
-            stderr=subprocess.PIPE, text=True, env=env)
-        assert wait_for(self.sock.exists, 10), "server did not listen"
-        self.agent: subprocess.Popen[str] | None = None
-
-    def mount(self, *args: str) -> subprocess.Popen[str]:
-        self.agent = subprocess.Popen(
-            [*NOTIFYFS, "mount", f"unix:{self.sock}", str(self.mnt), "-f", *args],
-            stderr=subprocess.PIPE, text=True, env=self.env)
-        assert wait_for(lambda: is_mounted(self.mnt) or self.agent.poll() is not None, 15)
-        return self.agent
-
-    def close(self) -> None:
-        for p in (self.agent, self.server):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(5)
-        force_unmount(self.mnt)
-
-
 def test_serve_and_mount_as_separate_processes(tmp_path: Path) -> None:
-    pair = _Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         agent = pair.mount()
         assert is_mounted(pair.mnt)
@@ -112,7 +82,7 @@ def test_serve_and_mount_as_separate_processes(tmp_path: Path) -> None:
 def test_server_killed_during_reads(tmp_path: Path) -> None:
     """SIGKILL the server while a guest process reads: the reader gets an error within a second,
     never hangs, and the agent exits non-zero with a message."""
-    pair = _Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         (pair.export / "data").write_bytes(os.urandom(1 << 20))
         agent = pair.mount("-o", "sync_read,reconnect=0")
@@ -142,14 +112,13 @@ def test_server_killed_during_reads(tmp_path: Path) -> None:
         t.start()
         assert wait_for(lambda: int(result.get("reads", 0)) > 10, 10), result  # type: ignore[call-overload]
         killed = time.monotonic()
-        pair.server.send_signal(signal.SIGKILL)
+        pair.kill_server()
         t.join(5)
         assert not t.is_alive(), "the reader hung after the server died"
         assert isinstance(result.get("error"), OSError)
         assert float(result["at"]) - killed < 1.0  # type: ignore[arg-type]
         assert agent.wait(10) != 0
-        assert agent.stderr is not None
-        assert "lost the server" in agent.stderr.read()
+        assert "lost the server" in pair.agent_output()
         assert wait_for(lambda: not is_mounted(pair.mnt), 5)
         # a new call on the old mountpoint does not hang either
         start = time.monotonic()
@@ -162,7 +131,7 @@ def test_server_killed_during_reads(tmp_path: Path) -> None:
 def test_bad_token_and_wrong_peer(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    pair = _Pair(tmp_path, "--token-file", str(token))
+    pair = ServedPair(tmp_path, "--token-file", str(token))
     try:
         wrong = tmp_path / "wrong"
         wrong.write_text("nope\n")
@@ -195,7 +164,7 @@ def test_bad_token_and_wrong_peer(tmp_path: Path) -> None:
 
 
 def test_background_mount_returns_when_mounted(tmp_path: Path) -> None:
-    pair = _Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         r = _run("mount", f"unix:{pair.sock}", str(pair.mnt))
         assert r.returncode == 0, r.stderr

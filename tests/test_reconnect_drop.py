@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOTIFYFS, abort_fuse, force_unmount, is_mounted, requires_mount, wait_for
+from conftest import ServedPair, abort_fuse, requires_mount, wait_for
 from notifyfs.linux import inotify as ino
 from oracle import Recorder
 
@@ -145,56 +145,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class TcpPair:
-    """``notifyfs serve`` on TCP loopback with a token, ``notifyfs mount -f`` through a cutter."""
+class TcpPair(ServedPair):
+    """The server on TCP loopback with a token; the agent reaches it through a TcpCutter."""
 
     def __init__(self, tmp: Path) -> None:
-        self.export = tmp / "export"
-        self.mnt = tmp / "mnt"
         self.token = tmp / "token"
-        self.server_log = tmp / "server.log"
-        self.agent_log = tmp / "agent.log"
-        self.export.mkdir()
-        self.mnt.mkdir()
         self.token.write_text("tcp-drop-secret\n")
         os.chmod(self.token, 0o600)
-        port = _free_port()
-        with open(self.server_log, "wb") as log:
-            self.server = subprocess.Popen(
-                [*NOTIFYFS, "-v", "serve", str(self.export), "--listen", f"tcp:127.0.0.1:{port}",
-                 "--token-file", str(self.token)], stderr=log)
-        self.agent: subprocess.Popen[bytes] | None = None
         self.cutter: TcpCutter | None = None
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return self.server.poll() is not None
-
-        assert wait_for(listening, 10) and self.server.poll() is None, self.server_output()
+        port = _free_port()
+        super().__init__(tmp, "--token-file", str(self.token), listen=f"tcp:127.0.0.1:{port}")
         self.cutter = TcpCutter(("127.0.0.1", port))
+        self.address = f"tcp:127.0.0.1:{self.cutter.port}"
 
-    def mount(self, *args: str) -> None:
-        assert self.cutter is not None
-        with open(self.agent_log, "wb") as log:
-            self.agent = subprocess.Popen(
-                [*NOTIFYFS, "-v", "mount", f"tcp:127.0.0.1:{self.cutter.port}", str(self.mnt),
-                 "-f", "--token-file", str(self.token), *args], stderr=log)
-        assert wait_for(lambda: is_mounted(self.mnt) or self.agent.poll() is not None, 15)
-        assert is_mounted(self.mnt), self.agent_output()
-
-    def server_output(self) -> str:
-        return self.server_log.read_text(errors="replace")
-
-    def agent_output(self) -> str:
-        return self.agent_log.read_text(errors="replace")
+    def mount(self, *args: str) -> subprocess.Popen[bytes]:
+        return super().mount("--token-file", str(self.token), *args)
 
     def server_fds(self) -> int:
+        assert self.server is not None
         return len(os.listdir(f"/proc/{self.server.pid}/fd"))
 
     def server_threads(self) -> int:
+        assert self.server is not None
         return len(os.listdir(f"/proc/{self.server.pid}/task"))
 
     def wait_stable(self, what, timeout: float = 10.0) -> int:  # type: ignore[no-untyped-def]
@@ -213,15 +185,7 @@ class TcpPair:
     def close(self) -> None:
         if self.cutter is not None:
             self.cutter.close()
-        for p in (self.agent, self.server):
-            if p is not None and p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    abort_fuse(self.mnt)  # a thread waits on its own mount: abort, no stat
-                    p.wait(10)
-        force_unmount(self.mnt)
+        super().close()
 
 
 def _names(rec: Recorder) -> list[tuple[str, str]]:
@@ -299,7 +263,7 @@ def test_dropped_connection_reconnects_to_the_live_server(tmp_path: Path) -> Non
         assert pair.cutter.accepted == 2  # the same relay, the same server: one reconnect
         assert "reconnected" in pair.agent_output()
         assert "revived" in pair.server_output()
-        assert pair.server.poll() is None
+        assert pair.server is not None and pair.server.poll() is None
 
         assert wait_for(lambda: rec is not None and rec.queued() > 0, 15), pair.agent_output()
         rec.drain(quiet=1.0)

@@ -9,88 +9,17 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import NOTIFYFS, abort_fuse, force_unmount, is_mounted, requires_mount, wait_for
+from conftest import ServedPair, abort_fuse, is_mounted, requires_mount, wait_for
 from notifyfs.linux import inotify as ino
 from oracle import Recorder
 
 pytestmark = [requires_mount, pytest.mark.timeout(120)]
-
-
-class Pair:
-    """``notifyfs serve`` and ``notifyfs mount -f`` over a unix socket; the server can be killed
-    and started again on the same socket."""
-
-    def __init__(self, tmp: Path, *serve_args: str) -> None:
-        self.export = tmp / "export"
-        self.mnt = tmp / "mnt"
-        self.sock = tmp / "notifyfs.sock"
-        self.log = tmp / "server.log"
-        self.export.mkdir()
-        self.mnt.mkdir()
-        self.serve_args = serve_args
-        self.server: subprocess.Popen[bytes] | None = None
-        self.agent: subprocess.Popen[str] | None = None
-        self.start_server()
-
-    def start_server(self) -> None:
-        with open(self.log, "ab") as log:
-            self.server = subprocess.Popen(
-                [*NOTIFYFS, "-v", "serve", str(self.export), "--listen", f"unix:{self.sock}",
-                 *self.serve_args], stderr=log)
-        assert wait_for(self._listening, 10), "server did not listen"
-
-    def _listening(self) -> bool:
-        import socket
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(self.sock))
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
-
-    def kill_server(self) -> None:
-        assert self.server is not None
-        self.server.send_signal(signal.SIGKILL)
-        self.server.wait(10)
-
-    def mount(self, *args: str) -> subprocess.Popen[str]:
-        self.agent = subprocess.Popen(
-            [*NOTIFYFS, "-v", "mount", f"unix:{self.sock}", str(self.mnt), "-f", *args],
-            stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: is_mounted(self.mnt) or self.agent.poll() is not None, 15)
-        assert is_mounted(self.mnt), self.agent_output()
-        return self.agent
-
-    def agent_output(self) -> str:
-        if self.agent is None or self.agent.stderr is None:
-            return ""
-        if self.agent.poll() is None:
-            self.agent.kill()
-            self.agent.wait(5)
-        return self.agent.stderr.read()
-
-    def close(self) -> None:
-        for p in (self.agent, self.server):
-            if p is not None and p.poll() is None:
-                p.kill()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    # a thread of it waits on its own mount, in a lock no signal breaks:
-                    # abort the connection (no stat of the mountpoint, no fork: both would
-                    # wait on the mount too)
-                    abort_fuse(self.mnt)
-                    p.wait(10)
-        force_unmount(self.mnt)
 
 
 def _names(rec: Recorder) -> list[tuple[str, str]]:
@@ -104,7 +33,7 @@ def test_server_restart_guest_carries_on(tmp_path: Path) -> None:
     Expected: calls made during the outage wait and then succeed; open files go on working (the
     write lands on the host); looked-up inodes resolve; the watcher gets the host's changes of
     the outage (CREATE, MODIFY + CLOSE_WRITE, DELETE, ATTRIB); nothing is echoed."""
-    pair = Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     rec = None
     fds: list[int] = []
     try:
@@ -204,7 +133,7 @@ def test_server_restart_under_io(tmp_path: Path) -> None:
     pause. Expected: no thread hangs; every operation either succeeds or (a non-idempotent one
     caught in flight) fails with EIO; every write that succeeded is on the host afterwards,
     byte for byte."""
-    pair = Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         pair.mount()
         m = pair.mnt
@@ -283,7 +212,7 @@ def test_server_restart_under_io(tmp_path: Path) -> None:
 def test_no_server_within_the_limit_fails_cleanly(tmp_path: Path) -> None:
     """Fault: the server dies and never comes back. Expected: calls wait at most ``reconnect``
     seconds, then fail with EIO; the agent detaches the mount and exits 1 with a message."""
-    pair = Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         (pair.export / "f").write_text("x")
         agent = pair.mount("-o", "reconnect=2")
@@ -305,7 +234,7 @@ def test_agent_killed_mount_reports_enotconn_and_remount_works(tmp_path: Path) -
     """Fault: SIGKILL the agent. Expected: calls on the mount fail at once with ENOTCONN (no
     hang); a new ``notifyfs mount`` on the same mountpoint detaches the dead mount itself and
     works."""
-    pair = Pair(tmp_path)
+    pair = ServedPair(tmp_path)
     try:
         (pair.export / "f").write_text("x")
         agent = pair.mount()
