@@ -33,7 +33,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .. import abi
@@ -52,6 +52,38 @@ LOOKAHEAD_SECONDS = 0.02
 RESCAN_PERIOD = 1.0
 
 
+def _kernel_queue_limit() -> int:
+    """How many events the guest's kernel queues for an inotify instance before it drops them
+    all for one IN_Q_OVERFLOW."""
+    try:
+        with open("/proc/sys/fs/inotify/max_queued_events") as f:
+            return max(1000, int(f.read()))
+    except (OSError, ValueError):
+        return 16384
+
+
+#: remote events waiting past which the injector coalesces: it has fallen behind a host that
+#: changes files faster than it can inject. Up to as many as the guest's own kernel would queue,
+#: every event is delivered as it came; past that the kernel would have overflowed and lost
+#: them all, while coalescing keeps what a watcher needs to reach the host's state.
+BACKLOG_EVENTS = _kernel_queue_limit()
+
+
+#: fanotify bits (same values as the inotify ones they share) that an injected call also
+#: triggers: permission events for an open or a read, FAN_RENAME for a move
+FAN_OPEN_PERM = 0x00010000
+FAN_ACCESS_PERM = 0x00020000
+FAN_OPEN_EXEC = 0x00001000
+FAN_OPEN_EXEC_PERM = 0x00040000
+FAN_RENAME = 0x10000000
+#: the mark bits that see what injecting an event of each kind does to its directory and file
+_SEEN_AS = {
+    ino.IN_OPEN: ino.IN_OPEN | FAN_OPEN_PERM | FAN_OPEN_EXEC | FAN_OPEN_EXEC_PERM,
+    ino.IN_ACCESS: ino.IN_ACCESS | FAN_ACCESS_PERM,
+}
+_MOVE_BITS = ino.IN_MOVED_FROM | ino.IN_MOVED_TO | FAN_RENAME
+
+
 def is_local(nodeid: int) -> bool:
     return nodeid >> 56 == _LOCAL_TOP
 
@@ -66,7 +98,10 @@ class Injector:
     def __init__(self, mountpoint: str, write_dev: Callable[[bytes], None],
                  forget: Callable[[int, int], None],
                  publish_masks: Callable[[dict[int, int], dict[int, int]], None] | None = None,
-                 inject_all: bool = False) -> None:
+                 inject_all: bool = False,
+                 path_of: Callable[[int], list[bytes] | None] | None = None) -> None:
+        #: the path under which the guest knows a nodeid (KernelView.path_of)
+        self.path_of = path_of
         #: dnotify marks do not show in /proc/*/fdinfo: with inject_all every event is injected
         self.inject_all = inject_all
         self.mountpoint = mountpoint
@@ -219,8 +254,35 @@ class Injector:
             return os.dup(self._root())
         try:
             return linux_fs.open_fuse_inode(self._anchor(), nodeid, generation, os.O_PATH)
+        except OSError as e:
+            if e.errno != errno.ESTALE:
+                return None
+        # Either the guest does not have the directory (nothing there to notify or invalidate)
+        # or it has it with no dentry: an invalidation (ours, or the server's after a queue
+        # overflow) dropped the dentry while an inotify mark kept the inode. A directory is
+        # opened by handle only if its dentry connects to the root, which FUSE without export
+        # support cannot rebuild (ESTALE). A lookup by the path the guest knew it under does.
+        return self._reconnect(nodeid, generation)
+
+    def _reconnect(self, nodeid: int, generation: int) -> int | None:
+        parts = self.path_of(nodeid) if self.path_of is not None else None
+        if not parts:
+            return None
+        try:
+            fd = os.open(b"/".join(parts), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, dir_fd=self._root())
         except OSError:
-            return None  # not in the guest's inode cache: nothing there to notify or invalidate
+            return None
+        try:
+            handle_type, handle, _mnt = linux_fs.name_to_handle(fd)
+            if handle_type == linux_fs.FUSE_HANDLE_TYPE and \
+                    linux_fs.parse_fuse_handle(handle.hex()) == (nodeid, generation & 0xFFFFFFFF):
+                self.stats["reconnected"] += 1
+                return fd
+        except OSError:
+            pass
+        os.close(fd)  # the name leads elsewhere now: the guest's old view of it is stale
+        return None
 
     def _root(self) -> int:
         """An O_PATH fd of the mount's root, opened on first use while an event is handled."""
@@ -347,10 +409,46 @@ class Injector:
         return True
 
     def _next(self, timeout: float) -> tuple[float, RemoteEvent] | None:
+        if self.queue.qsize() >= BACKLOG_EVENTS:
+            self._catch_up()
         while not self.pending:
             if not self._pull(timeout) and not self.pending:
                 return None
         return self.pending.popleft()
+
+    def _catch_up(self) -> None:
+        """Fallen behind: take every queued event and drop the ones whose effect a later
+        event undoes or repeats (see :func:`redundant`), so that the guest's watchers reach
+        the host's current state sooner and the backlog stays bounded by the number of names
+        in flux. What is left is still in order and exact as a final state; the intermediate
+        states dropped are what an inotify queue overflow would have lost wholesale."""
+        while self.queue_alive and self._pull(timeout=0.0):
+            pass
+        events = [ev for _arrived, ev in self.pending]
+        drop = redundant(events, held=self.held.keys())
+        if not drop:
+            return
+        kept = collections.deque(p for p, d in zip(self.pending, drop, strict=True) if not d)
+        for ev, d in zip(events, drop, strict=True):
+            if d:
+                self._discard(ev)
+        self.stats["coalesced"] += len(self.pending) - len(kept)
+        log.warning("injector %d events behind the host: %d dropped as undone or repeated by "
+                    "later ones", len(self.pending), len(self.pending) - len(kept))
+        self.pending = kept
+
+    def _discard(self, ev: RemoteEvent) -> None:
+        """What an event nobody watches gets: the guest forgets the names and attributes it
+        changed, and counted entries go back to the server."""
+        kind = ev.mask & ino.IN_ALL_EVENTS
+        if kind == ino.IN_CREATE:
+            self._inval(ev.inode, ev.name)
+            self._settle((ev.entry, ev.counted))
+        elif kind == ino.IN_DELETE:
+            self._inval(ev.inode, ev.name)
+            self._settle((ev.old, True))
+        elif ev.entry is not None:
+            self.write_dev(inval_inode(ev.entry.nodeid))
 
     def _peek_for(self, match: Callable[[RemoteEvent], bool], wait: float) -> RemoteEvent | None:
         """The first queued event that ``match``es, waiting up to ``wait`` for more to arrive."""
@@ -366,23 +464,29 @@ class Injector:
                 return None
 
     def _rescan(self) -> None:
-        old = self.ws.masks
+        previous = self.ws
+        old = previous.masks
         try:
-            self.ws = watchset.scan(self.sdev, self.mnt_id)
+            self.ws = previous.followed_by(watchset.scan(self.sdev, self.mnt_id))
         except Exception:  # never let a surprise in /proc stop event delivery
             log.exception("reading the guest's watches failed")
-            self.ws = watchset.WatchSet(masks=old, everything=-1, started=time.monotonic())
+            self.ws = watchset.WatchSet(masks=old, everything=-1, started=time.monotonic(),
+                                        added_after=previous.added_after)
             return
         self.stats["scans"] += 1
         if self.publish_masks is not None and old != self.ws.masks:
             self.publish_masks(old, self.ws.masks)
 
-    def _wanted(self, arrived: float, *nodeids: int) -> bool:
-        if self.inject_all or self.ws.watched(*nodeids):
+    def _wanted(self, arrived: float, *targets: tuple[int, int]) -> bool:
+        """Would any mark see what injecting this event does to ``targets`` ((nodeid, event
+        bits) pairs)? Only marks that existed when the event arrived count, and only for the
+        kinds of event they ask for: an event nobody would be told of is not injected."""
+        if self.inject_all or self.ws.wants(arrived, *targets):
             return True
         if arrived >= self.ws.started:  # the view may predate the watch: look again first
             self._rescan()
-        return self.ws.watched(*nodeids)
+            return self.ws.wants(arrived, *targets)
+        return False
 
     # --- one event ----------------------------------------------------------------------------
     def _handle(self, arrived: float, ev: RemoteEvent) -> None:
@@ -413,8 +517,9 @@ class Injector:
             log.debug("injector: ignoring %s", ino.mask_names(ev.mask))
 
     def _create(self, arrived: float, ev: RemoteEvent) -> None:
-        child = ev.entry.nodeid if ev.entry else 0
-        if not self._wanted(arrived, ev.inode, child):
+        # a new name for a file the guest has is a link: ATTRIB on that file, too
+        child = ev.entry.nodeid if ev.entry and not ev.mask & ino.IN_ISDIR else 0
+        if not self._wanted(arrived, (ev.inode, ino.IN_CREATE), (child, ino.IN_ATTRIB)):
             self._inval(ev.inode, ev.name)
             self._settle((ev.entry, ev.counted))
             return
@@ -459,7 +564,8 @@ class Injector:
 
     def _delete(self, arrived: float, ev: RemoteEvent) -> None:
         child = ev.old.nodeid if ev.old else 0
-        if not self._wanted(arrived, ev.inode, child):
+        if not self._wanted(arrived, (ev.inode, ino.IN_DELETE),
+                            (child, ino.IN_ATTRIB | ino.IN_DELETE_SELF)):
             self._inval(ev.inode, ev.name)
             self._settle((ev.old, True))
             return
@@ -492,10 +598,11 @@ class Injector:
         counted = [(src.entry, src.counted)] if src is not None else []
         if dst is not None:
             counted += [(dst.entry, dst.counted), (dst.old, True)]
-        nodes = [e.inode for e in (src, dst) if e is not None]
-        nodes += [moved.nodeid] if moved else []
-        nodes += [dst.old.nodeid] if dst is not None and dst.old is not None else []
-        if not self._wanted(arrived, *nodes):
+        targets = [(e.inode, _MOVE_BITS) for e in (src, dst) if e is not None]
+        targets += [(moved.nodeid, ino.IN_MOVE_SELF)] if moved else []
+        if dst is not None and dst.old is not None:  # the file a move replaces is unlinked
+            targets.append((dst.old.nodeid, ino.IN_ATTRIB | ino.IN_DELETE_SELF))
+        if not self._wanted(arrived, *targets):
             for e in (src, dst):
                 if e is not None:
                     self._inval(e.inode, e.name)
@@ -565,7 +672,8 @@ class Injector:
 
     def _touch(self, arrived: float, ev: RemoteEvent, kind: int) -> None:
         child = ev.entry.nodeid if ev.entry else 0
-        if not self._wanted(arrived, ev.inode, child):
+        bits = _SEEN_AS.get(kind, kind)
+        if not self._wanted(arrived, (ev.inode, bits), (child, bits)):
             if child:
                 self.write_dev(inval_inode(child))
             return
@@ -610,7 +718,9 @@ class Injector:
         fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
         if not fmt and ev.name:
             fmt = self._guest_type(ev)  # gone on the host already; the guest may still have it
-        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
+        bits = _SEEN_AS[ino.IN_OPEN]
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(
+                arrived, (ev.inode, bits), (child, bits)):
             log.debug("OPEN of %r not injected (type %o)", ev.name, fmt)
             return
         same = self._held_key(ev)
@@ -677,7 +787,8 @@ class Injector:
         fmt = stat.S_IFMT(ev.entry.attr.mode) if ev.entry else ev.file_type
         if not fmt and ev.name:
             fmt = self._guest_type(ev)
-        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(arrived, ev.inode, child):
+        if fmt not in (stat.S_IFREG, stat.S_IFDIR) or not self._wanted(
+                arrived, (ev.inode, kind), (child, kind)):
             return
         # the OPEN was not injected (the watch is newer than the open): open and close now, so
         # that the close, the event watchers wait for, is not lost
@@ -699,6 +810,60 @@ class Injector:
         finally:
             if dfd is not None:
                 os.close(dfd)
+
+
+_TOUCHES = (ino.IN_MODIFY | ino.IN_ATTRIB | ino.IN_ACCESS | ino.IN_OPEN | ino.IN_CLOSE_WRITE
+            | ino.IN_CLOSE_NOWRITE)
+_CLOSES = ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE
+
+
+def redundant(events: list[RemoteEvent], held: Collection[tuple[int, bytes]] = ()) -> list[bool]:
+    """Which of ``events`` (in order) a backlogged injector may drop without changing what a
+    watcher knows once the rest is delivered (no I/O; one pass from the end):
+
+    * a touch (MODIFY, ATTRIB, ACCESS, OPEN, CLOSE_*) of a name that a later event removes
+      (DELETE, MOVED_FROM) or replaces (MOVED_TO);
+    * a touch of a name repeated by a later touch of the same kind, with no CREATE, DELETE or
+      move of the name in between;
+    * a CREATE of a file and the DELETE that removes it again, when only touches lie between.
+
+    Moves are never dropped (their two halves are paired by cookie), nor is the CLOSE of a
+    name the injector holds open (``held``: its OPEN was injected, and only that close ends
+    it). Directories are never dropped from a CREATE/DELETE pair: what happened inside them
+    is addressed by their node id."""
+    drop = [False] * len(events)
+    removed_later: set[tuple[int, bytes]] = set()
+    touched_later: dict[tuple[int, bytes], int] = {}
+    deleted_at: dict[tuple[int, bytes], int] = {}  # a later DELETE with only touches between
+    for i in range(len(events) - 1, -1, -1):
+        ev = events[i]
+        kind = ev.mask & ino.IN_ALL_EVENTS
+        key = (ev.inode, ev.name)
+        if kind & _TOUCHES and not kind & ~_TOUCHES:
+            if kind & _CLOSES and key in held:
+                touched_later.pop(key, None)
+                deleted_at.pop(key, None)
+                continue
+            if key in removed_later or touched_later.get(key, 0) & kind:
+                drop[i] = True
+            else:
+                touched_later[key] = touched_later.get(key, 0) | kind
+            continue
+        touched_later.pop(key, None)
+        if kind == ino.IN_DELETE:
+            removed_later.add(key)
+            deleted_at[key] = i
+        elif kind in (ino.IN_MOVED_FROM, ino.IN_MOVED_TO):
+            removed_later.add(key)
+            deleted_at.pop(key, None)
+        elif kind == ino.IN_CREATE:
+            j = deleted_at.pop(key, None)
+            if j is not None and not ev.mask & ino.IN_ISDIR:
+                drop[i] = drop[j] = True
+            removed_later.discard(key)
+        else:
+            deleted_at.pop(key, None)
+    return drop
 
 
 def _local_attr(nodeid: int, mode: int) -> Attr:

@@ -136,6 +136,19 @@ class KernelView:
                 if b is not None and flags & 2:  # RENAME_EXCHANGE
                     self._remember(nodeid, old, b)
 
+    def path_of(self, nodeid: int) -> list[bytes] | None:
+        """A path (names from the root) under which the guest last knew ``nodeid``, or None."""
+        parts: list[bytes] = []
+        with self.lock:
+            while nodeid != abi.ROOT_ID:
+                names = self.names_of.get(nodeid)
+                if not names or len(parts) > 4096:  # unknown, or a cycle of stale names
+                    return None
+                nodeid, name = min(names)
+                parts.append(name)
+        parts.reverse()
+        return parts
+
     def _remember(self, parent: int, name: bytes, nodeid: int) -> None:
         self._drop(parent, name)
         self.names[(parent, name)] = nodeid

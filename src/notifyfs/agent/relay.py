@@ -315,7 +315,8 @@ class Relay:
     def start(self) -> None:
         if self.remote_events:
             self.injector = Injector(self.mountpoint, self._write_dev, self.send_forget,
-                                     self.publish_masks, inject_all=self.options.inject == "all")
+                                     self.publish_masks, inject_all=self.options.inject == "all",
+                                     path_of=self.view.path_of)
         for target, name in ((self._kernel_reader, "kernel-reader"),
                              (self._server_reader, "server-reader"),
                              (self._notifier, "notifier")):

@@ -18,9 +18,33 @@ class WatchSet:
     masks: dict[int, int] = field(default_factory=dict)  # nodeid -> OR of the marks' masks
     everything: int = 0  # fanotify filesystem/mount marks on our mount: they see every inode
     started: float = 0.0  # time.monotonic() when the scan that produced this began
+    #: nodeid -> a time before which its mark did not exist: the start of the last scan that
+    #: did not see it (0.0 for marks seen by the first scan). An event that reached the agent
+    #: before then happened before the watch, and the kernel would not have reported it to it.
+    added_after: dict[int, float] = field(default_factory=dict)
+    everything_after: float = 0.0
 
     def watched(self, *nodeids: int) -> bool:
         return bool(self.everything) or any(n in self.masks for n in nodeids)
+
+    def wants(self, arrived: float, *targets: tuple[int, int]) -> bool:
+        """Would a mark that existed when an event ``arrived`` see any of ``targets``, each a
+        (nodeid, event bits) pair: the events the injected call makes on that inode?"""
+        bits_any = 0
+        for nodeid, bits in targets:
+            bits_any |= bits
+            mask = self.masks.get(nodeid)
+            if mask is not None and mask & bits and arrived >= self.added_after.get(nodeid, 0.0):
+                return True
+        return bool(self.everything & bits_any) and arrived >= self.everything_after
+
+    def followed_by(self, new: WatchSet) -> WatchSet:
+        """``new`` (a later scan), told when each of its marks appeared at the latest."""
+        for nodeid in new.masks:
+            new.added_after[nodeid] = (self.added_after.get(nodeid, 0.0) if nodeid in self.masks
+                                       else self.started)
+        new.everything_after = self.everything_after if self.everything else self.started
+        return new
 
 
 def _fields(line: str) -> dict[str, str]:
