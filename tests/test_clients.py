@@ -422,14 +422,14 @@ def test_dnotify_signal_on_host_create(share: Share) -> None:
 
 @pytest.mark.timeout(20)
 def test_dnotify_alongside_an_inotify_watch(share: Share) -> None:
-    """With an inotify watch on the same directory the events are injected, and the injection
-    (a real create, a real write) raises dnotify's signal too."""
+    """With an inotify watch on the same directory the kinds of event it asks for are injected,
+    and the injection (a real create, a real write) raises dnotify's signal too."""
     from notifyfs.linux import inotify as ino
 
     dn = DNotify(share.mnt)
     watcher = ino.Inotify(ino.IN_CLOEXEC | ino.IN_NONBLOCK)
     try:
-        watcher.add_watch(str(share.mnt), ino.IN_CREATE)
+        watcher.add_watch(str(share.mnt), ino.IN_CREATE | ino.IN_MODIFY)
         _check_dnotify(share, dn)
     finally:
         watcher.close()

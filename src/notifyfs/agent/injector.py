@@ -76,9 +76,13 @@ FAN_ACCESS_PERM = 0x00020000
 FAN_OPEN_EXEC = 0x00001000
 FAN_OPEN_EXEC_PERM = 0x00040000
 FAN_RENAME = 0x10000000
-#: the mark bits that see what injecting an event of each kind does to its directory and file
+#: the mark bits that see what injecting an event of each kind does to its directory and file.
+#: An injected OPEN is also what later MODIFY, ACCESS and CLOSE events go through (a write or
+#: read on the held file): only those carry a path, and fanotify reports nothing else to a mount
+#: or filesystem mark, or to any group that does not report file ids.
 _SEEN_AS = {
-    ino.IN_OPEN: ino.IN_OPEN | FAN_OPEN_PERM | FAN_OPEN_EXEC | FAN_OPEN_EXEC_PERM,
+    ino.IN_OPEN: (ino.IN_OPEN | FAN_OPEN_PERM | FAN_OPEN_EXEC | FAN_OPEN_EXEC_PERM | ino.IN_MODIFY
+                  | ino.IN_ACCESS | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE | FAN_ACCESS_PERM),
     ino.IN_ACCESS: ino.IN_ACCESS | FAN_ACCESS_PERM,
 }
 _MOVE_BITS = ino.IN_MOVED_FROM | ino.IN_MOVED_TO | FAN_RENAME
