@@ -25,6 +25,11 @@ server answers each chunk with a JSON object ``{"revived": n, "stale": [nodeids]
 is stale, and the guest gets ESTALE for it. After the chunk with ``last`` the server diffs the
 watched directories against what the guest knew and sends the difference as remote events.
 
+When the handshake agreed on feature ``session`` (wire.py), the first NOTIFYFS_REVIVE also fences:
+if the server still holds another connection of the same session id (the agent's old connection,
+half-open), it shuts that connection down and releases what it held before it answers, so that
+nothing still travelling on it runs after the agent's retries (server/connection.py).
+
 JSON because the message is rare and must be easy to check field by field; every value is
 validated here, so the server's handler sees only well-typed records.
 """

@@ -11,6 +11,19 @@ Handshake (all integers little-endian)::
 
 ``features`` in the server's answer are those both sides support. A status other than 0 is
 followed by the server closing the connection.
+
+Feature ``session`` (bit 4): when both sides have it, the agent sends its session id right after
+the server's answer, before any FUSE frame::
+
+    agent  -> server: u8 session[16]
+
+The id is random, made once per mount and kept across reconnects: it lets a server tell that a
+new connection (one that sends NOTIFYFS_REVIVE) is the same guest mount as an older connection it
+still holds, which the network may have left half-open. The server then shuts that older
+connection down before it answers the REVIVE (server/connection.py, "fencing"), so no request
+still travelling on it can run after the agent has retried it on the new one. An agent that does
+not offer the bit sends nothing more; a server that does not agree to it never reads the id
+(old agents and old servers work as before, without fencing).
 """
 
 from __future__ import annotations
@@ -42,7 +55,11 @@ FEATURE_FSNOTIFY = 1 << 0  # remote events (NOTIFYFS_FSNOTIFY / NOTIFYFS_NOTIFY_
 FEATURE_WRITEBACK = 1 << 1  # the server allows the kernel's writeback cache
 FEATURE_READONLY = 1 << 2  # the export is read-only (informational: enforced by the server)
 FEATURE_REVIVE = 1 << 3  # NOTIFYFS_HANDLE / NOTIFYFS_REVIVE: the agent survives a server restart
-SUPPORTED_FEATURES = FEATURE_FSNOTIFY | FEATURE_WRITEBACK | FEATURE_READONLY | FEATURE_REVIVE
+FEATURE_SESSION = 1 << 4  # the agent's session id follows the handshake (fences an old connection)
+SUPPORTED_FEATURES = (FEATURE_FSNOTIFY | FEATURE_WRITEBACK | FEATURE_READONLY | FEATURE_REVIVE
+                      | FEATURE_SESSION)
+#: bytes of a session id (random: an agent that does not know an id cannot fence its connection)
+SESSION_ID_SIZE = 16
 
 STATUS_OK = 0
 STATUS_BAD_VERSION = 1
@@ -464,8 +481,15 @@ def _read_hello(sock: Stream, deadline: _Deadline | None = None) -> tuple[int, i
 
 
 def client_handshake(sock: Stream, token: bytes | None, features: int,
-                     timeout: float | None = HANDSHAKE_TIMEOUT) -> int:
-    """Agent side: returns the features both sides support."""
+                     timeout: float | None = HANDSHAKE_TIMEOUT, session: bytes = b"") -> int:
+    """Agent side: returns the features both sides support. ``FEATURE_SESSION`` is offered only
+    with a ``session`` id (``SESSION_ID_SIZE`` bytes), which is then sent if the server agrees."""
+    if session:
+        if len(session) != SESSION_ID_SIZE:
+            raise ValueError(f"a session id is {SESSION_ID_SIZE} bytes")
+        features |= FEATURE_SESSION
+    else:
+        features &= ~FEATURE_SESSION
     deadline = _Deadline(timeout)
     try:
         if isinstance(sock, ssl.SSLSocket):
@@ -478,6 +502,9 @@ def client_handshake(sock: Stream, token: bytes | None, features: int,
         except (BrokenPipeError, ConnectionResetError):
             pass  # a server that refuses us may answer and close before reading: read why
         version, status, agreed, msg = _read_hello(sock, deadline)
+        if status == STATUS_OK and version == VERSION and agreed & FEATURE_SESSION:
+            deadline.arm(sock)
+            sock.sendall(session)
     except TimeoutError as e:
         raise HandshakeError("no handshake answer from the server (is it a notifyfs server?)") from e
     except ssl.SSLError as e:
@@ -520,9 +547,11 @@ def refuse(sock: Stream, msg: str) -> None:
 
 
 def server_handshake(sock: Stream, token: bytes | None, features: int,
-                     wait_forever: bool = False, timeout: float = HANDSHAKE_TIMEOUT) -> int:
-    """Server side: check the agent's hello; returns the agreed features or raises. ``timeout``
-    bounds the whole handshake (TLS included), not each read.
+                     wait_forever: bool = False,
+                     timeout: float = HANDSHAKE_TIMEOUT) -> tuple[int, bytes]:
+    """Server side: check the agent's hello; returns the agreed features and the agent's session
+    id (empty without ``FEATURE_SESSION``), or raises. ``timeout`` bounds the whole handshake
+    (TLS included), not each read.
 
     ``wait_forever`` is for virtio-serial: QEMU connects the port's chardev when the VM starts,
     long before the guest's agent speaks."""
@@ -546,7 +575,8 @@ def server_handshake(sock: Stream, token: bytes | None, features: int,
             raise HandshakeError("agent sent a bad token")
         agreed = theirs & features
         answer(STATUS_OK, agreed, "")
-        return agreed
+        session = _recv_exact(sock, SESSION_ID_SIZE, deadline) if agreed & FEATURE_SESSION else b""
+        return agreed, session
     except TimeoutError as e:
         raise HandshakeError(f"no complete handshake from the peer within {timeout:g} s") from e
     except ssl.SSLError as e:

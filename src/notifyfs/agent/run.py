@@ -45,9 +45,10 @@ PORT_ATTEMPTS = 3
 
 
 def _connect(addr: wire.Address, token: bytes | None, features: int,
-             tls: ssl.SSLContext | None = None,
-             server_name: str | None = None) -> tuple[wire.Stream, int]:
-    """Connect and handshake; returns the stream and the agreed features.
+             tls: ssl.SSLContext | None = None, server_name: str | None = None,
+             session: bytes = b"") -> tuple[wire.Stream, int]:
+    """Connect and handshake (with this mount's ``session`` id); returns the stream and the
+    agreed features.
 
     A virtio-serial port is one byte stream for the VM's lifetime, and the server cannot tell
     that an earlier agent on it has gone: it takes our hello for that agent's garbage and closes
@@ -63,7 +64,7 @@ def _connect(addr: wire.Address, token: bytes | None, features: int,
                 from None
         wire.tune(sock)
         try:
-            agreed = wire.client_handshake(sock, token, features)
+            agreed = wire.client_handshake(sock, token, features, session=session)
             return wire.stream(sock), agreed
         except (wire.HandshakeError, OSError) as e:
             sock.close()
@@ -74,12 +75,14 @@ def _connect(addr: wire.Address, token: bytes | None, features: int,
 
 
 def connector(addr: wire.Address, token: bytes | None, options: MountOptions,
-              tls: ssl.SSLContext | None = None, server_name: str | None = None) -> Connector:
-    """A function that connects to ``addr`` and does the handshake again, after a loss."""
+              tls: ssl.SSLContext | None = None, server_name: str | None = None,
+              session: bytes = b"") -> Connector:
+    """A function that connects to ``addr`` and does the handshake again, after a loss, with the
+    same ``session`` id as the first connection (so the server can fence that one)."""
 
     def connect() -> tuple[wire.Stream, int]:
         try:
-            return _connect(addr, token, agent_features(options), tls, server_name)
+            return _connect(addr, token, agent_features(options), tls, server_name, session)
         except MountError as e:
             raise OSError(str(e)) from None
 
@@ -94,9 +97,12 @@ def mount(address: str, mountpoint: str, options: MountOptions, token: bytes | N
         addr = wire.parse_address(address)
     except ValueError as e:
         raise MountError(str(e)) from None
-    sock, features = _connect(addr, token, agent_features(options), tls, server_name)
+    # one id for the mount's lifetime, kept across reconnects (wire.py, feature "session")
+    session = os.urandom(wire.SESSION_ID_SIZE)
+    log.info("session %s", session.hex()[:8])
+    sock, features = _connect(addr, token, agent_features(options), tls, server_name, session)
     relay = Relay(sock, mountpoint, options, features,
-                  connector=connector(addr, token, options, tls, server_name))
+                  connector=connector(addr, token, options, tls, server_name, session))
     relay.mount()
     if not foreground and os.fork() > 0:
         os._exit(0)  # the parent returns once the mount exists; the child serves it

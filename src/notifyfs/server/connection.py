@@ -4,6 +4,16 @@ Threads per connection: the reader decodes frames and hands them to ``workers`` 
 through a bounded queue (a client that floods requests without reading replies blocks only its own
 reader). FORGET, BATCH_FORGET and INTERRUPT are cheap and handled by the reader itself. Replies and
 notifications go through one :class:`FrameWriter` (its lock is a leaf lock).
+
+Fencing. An agent whose connection dropped reconnects and retries the idempotent requests that
+were in flight, WRITE included. If the old connection is only half-open (the server never saw it
+end), a request still travelling on it could reach the server after the retry, and after a newer
+request of the guest: an old WRITE would then overwrite newer data. So when a connection sends
+NOTIFYFS_REVIVE with the session id (wire.py, feature ``session``) of a connection the server
+still holds, the server first fences that old connection: it stops reading it, drops every
+request read from it and not started, waits (at most ``DRAIN_TIMEOUT``) for the requests being
+executed, releases its handles (and so its flocks), inodes and watches, and only then answers the
+REVIVE.
 """
 
 from __future__ import annotations
@@ -39,14 +49,28 @@ _QUICK = frozenset({
     abi.Opcode.STATFS, abi.Opcode.FLUSH, abi.Opcode.RELEASE, abi.Opcode.GETXATTR,
     abi.Opcode.LISTXATTR, abi.Opcode.SETXATTR, abi.Opcode.REMOVEXATTR, abi.Opcode.OPENDIR,
     abi.Opcode.READDIR, abi.Opcode.READDIRPLUS, abi.Opcode.RELEASEDIR, abi.Opcode.ACCESS})
+#: how long a closing connection waits for the requests its workers are executing
+DRAIN_TIMEOUT = 10.0
 
 
 class Connection:
     def __init__(self, sock: wire.Stream, fs: Filesystem, workers: int = 8,
-                 max_pending: int = 256, peer: str = "agent", features: int = 0) -> None:
+                 max_pending: int = 256, peer: str = "agent", features: int = 0,
+                 session: bytes = b"",
+                 fence_session: Callable[[Connection], None] | None = None) -> None:
         self.sock = sock
         self.fs = fs
         self.peer = peer
+        #: the agent's session id (wire.py), b"" for an agent without the feature
+        self.session = session
+        #: called before a NOTIFYFS_REVIVE runs: ends older connections of the same session
+        self.fence_session = fence_session
+        #: set by fence(): no request of this connection starts any more
+        self.fenced = False
+        self.dropped = 0  # requests read but never started because of the fence
+        self._drop_lock = threading.Lock()
+        self.stuck = 0  # workers still executing a request when the connection ended
+        self.ended = threading.Event()  # run() is over: everything held is released
         self.writer = wire.FrameWriter(sock)
         self.queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_pending)
         self.nworkers = workers
@@ -78,14 +102,33 @@ class Connection:
                 shutdown()  # a request still waiting (SETLKW) ends now, not after the joins
             for _ in threads:
                 self.queue.put(None)
+            deadline = time.monotonic() + DRAIN_TIMEOUT
             for t in threads:
-                t.join(timeout=10)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.stuck = sum(t.is_alive() for t in threads)
             try:
                 self.sock.close()
             except OSError:
                 pass
             self.fs.close()
             log.info("%s: disconnected", self.peer)
+            self.ended.set()
+
+    def fence(self, timeout: float) -> bool:
+        """Shut this connection down for good, from another thread: no request read from it
+        starts any more, the ones queued are dropped, the ones running finish; then everything
+        it holds is released (run()'s end). Returns whether that was done within ``timeout``
+        with no request left running."""
+        self.fenced = True
+        # wakes the reader (recv) and a worker blocked sending to a peer that reads nothing (a
+        # half-open connection fills its send buffer); the plain socket's call, also under TLS
+        sock_shutdown: Callable[[int], None] | None = getattr(self.sock, "shutdown", None)
+        if sock_shutdown is not None:
+            try:
+                sock_shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return self.ended.wait(timeout) and not self.stuck
 
     def _register_thread(self) -> None:
         enter: Callable[[], None] | None = getattr(self.fs, "enter_thread", None)
@@ -100,9 +143,10 @@ class Connection:
             try:
                 frame = reader.read()
             except ProtocolError as e:
-                log.error("%s: unreadable stream (%s); closing the connection", self.peer, e)
+                if not self.fenced:
+                    log.error("%s: unreadable stream (%s); closing the connection", self.peer, e)
                 return
-            if frame is None:
+            if frame is None or self.fenced:
                 return
             try:
                 req = decode_request(frame, session)
@@ -115,6 +159,11 @@ class Connection:
                     self.send(reply_error(e.unique, e.errno))
                 continue
             if req.opcode in _OPENERS and not self.destroyed:
+                if (req.opcode == abi.Opcode.NOTIFYFS_REVIVE and self.session
+                        and self.fence_session is not None):
+                    # an older connection of this agent must be gone before anything is revived
+                    # (and before the agent retries what was in flight on it)
+                    self.fence_session(self)
                 # answered here, before the next request is read: what INIT negotiates decodes
                 # the requests after it
                 out = self._call(req)
@@ -167,6 +216,10 @@ class Connection:
                 self.send(out)
 
     def _call(self, req: Request) -> bytes | None:
+        if self.fenced:  # read before the fence, not started: it never runs (nor is answered)
+            with self._drop_lock:
+                self.dropped += 1
+            return None
         try:
             payload = self.fs.handle(req)
         except FuseError as e:
@@ -231,18 +284,20 @@ class Server:
         if self.tls is not None and isinstance(sock, socket.socket):
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         try:
-            agreed = wire.server_handshake(sock, self.token, self.features, self.wait_for_hello,
-                                           self.handshake_timeout)
+            agreed, session = wire.server_handshake(sock, self.token, self.features,
+                                                    self.wait_for_hello, self.handshake_timeout)
         except (wire.HandshakeError, OSError) as e:
             log.warning("%s: handshake failed: %s", peer, e)
             sock.close()
             return
-        log.info("%s: connected%s", peer, " (TLS)" if isinstance(sock, ssl.SSLSocket) else "")
+        log.info("%s: connected%s%s", peer, " (TLS)" if isinstance(sock, ssl.SSLSocket) else "",
+                 f", session {session.hex()[:8]}" if session else "")
         fs: Filesystem | None = None
         try:
             fs = self.make_fs()
             conn = Connection(wire.stream(sock), fs, workers=self.workers,
-                              max_pending=self.max_pending, peer=peer, features=agreed)
+                              max_pending=self.max_pending, peer=peer, features=agreed,
+                              session=session, fence_session=self.fence_session)
         except OSError as e:  # no fd left for the export root or the host watcher (EMFILE)
             log.error("%s: cannot serve this agent: %s", peer, e)
             if fs is not None:
@@ -256,6 +311,23 @@ class Server:
         finally:
             with self.lock:
                 self.connections.discard(conn)
+
+    def fence_session(self, conn: Connection) -> None:
+        """``conn`` revives its agent's session: end every other connection of that session
+        first (see the module's docstring). A request still running after the bounded wait
+        (one host call stuck for DRAIN_TIMEOUT seconds) is logged, and the revive goes on."""
+        with self.lock:
+            old = [c for c in self.connections if c is not conn and c.session == conn.session]
+        for c in old:
+            start = time.monotonic()
+            clean = c.fence(DRAIN_TIMEOUT + 5.0)
+            took = (time.monotonic() - start) * 1000
+            log.info("%s: session %s revived on %s: its old connection was shut down first "
+                     "(%d request(s) read and never started, dropped; %.0f ms)", c.peer,
+                     conn.session.hex()[:8], conn.peer, c.dropped, took)
+            if not clean:
+                log.warning("%s: %d request(s) of the old connection still running after "
+                            "%.0f ms; reviving anyway", c.peer, max(c.stuck, 1), took)
 
     def stats(self) -> list[dict[str, object]]:
         with self.lock:
