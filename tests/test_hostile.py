@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import random
+import re
 import socket
 import stat
 import struct
@@ -205,12 +208,12 @@ class Env:
     threads: list[threading.Thread] = field(default_factory=list)
     clients: list[Client] = field(default_factory=list)
 
-    def connect(self, do_init: bool = True) -> Client:
+    def connect(self, do_init: bool = True, session: bytes = b"") -> Client:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         t = threading.Thread(target=self.server.serve_socket, args=(theirs, "hostile"), daemon=True)
         t.start()
         self.threads.append(t)
-        wire.client_handshake(ours, None, 0)
+        wire.client_handshake(ours, None, 0, session=session)
         c = Client(ours)
         self.clients.append(c)
         if do_init:
@@ -878,6 +881,98 @@ def test_disconnect_with_requests_waiting_on_a_lock(env: Env) -> None:
     fh = other.open(node)
     assert other.err(Opcode.SETLK, node, abi.LK_IN, fh=fh, lk_flags=abi.LK_FLOCK, type=1) == 0
     other.alive()
+
+
+# --- sessions: a revive fences the older connection of the same agent ----------------------------
+
+def _revive(c: Client) -> Reply:
+    from notifyfs import revive
+    u = c.next_unique()
+    c.send_raw(revive.encode_revive(u, revive.Revive()))
+    return c.expect(u)
+
+
+def test_session_handshake_compatibility(env: Env) -> None:
+    """A new agent and an old server (no ``session`` bit): the id is not sent and the stream
+    stays in step; an old agent (no id) with a new server: nothing more is read; a hello that
+    offers the bit and never sends the id is cut off at the handshake's time limit."""
+    env.server.features &= ~wire.FEATURE_SESSION
+    old_server = env.connect(session=os.urandom(wire.SESSION_ID_SIZE))
+    old_server.alive()
+    env.server.features |= wire.FEATURE_SESSION
+    env.connect().alive()
+    with pytest.raises(ValueError):
+        wire.client_handshake(socket.socket(), None, 0, session=b"short")
+    env.server.handshake_timeout = 0.5
+    sock, t = env.raw_connect()
+    sock.sendall(HELLO_FMT.pack(wire.MAGIC, wire.VERSION, 0, wire.FEATURE_SESSION, 0))
+    _v, status, agreed, _m = wire._read_hello(sock)
+    assert status == wire.STATUS_OK and agreed & wire.FEATURE_SESSION
+    sock.sendall(b"12345")  # 5 of the 16 bytes, then nothing
+    t.join(5)
+    assert not t.is_alive(), "a handshake waiting for a session id is not bounded"
+    sock.close()
+
+
+def test_revive_fences_the_older_connection_of_its_session(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Fault: an agent's connection is half-open (the server never saw it end) while the agent
+    revives on a new one. Expected: when the REVIVE of the same session id arrives, the old
+    connection is closed before the REVIVE is answered; its flock is released, its SETLKW that
+    was waiting ends, and requests it had queued never run; a REVIVE of another session and
+    connections without an id are left alone."""
+    caplog.set_level(logging.INFO, logger="notifyfs.server.connection")
+    sid = os.urandom(wire.SESSION_ID_SIZE)
+    old = env.connect(session=sid)
+    fnode, _ = old.lookup(1, b"hello")
+    fh1, fh2 = old.open(fnode, os.O_RDWR), old.open(fnode, os.O_RDWR)
+    assert old.err(Opcode.SETLK, fnode, abi.LK_IN, fh=fh1, lk_flags=abi.LK_FLOCK, type=1) == 0
+    # queued behind a SETLKW that waits for the host's lock, in every worker: never started
+    host = os.open(env.export / "dir" / "file", os.O_RDONLY)
+    try:
+        fcntl.flock(host, fcntl.LOCK_EX)
+        dnode, _ = old.lookup(1, b"dir")
+        file_node, _ = old.lookup(dnode, b"file")
+        lfh = old.open(file_node)
+        for _ in range(env.server.workers):
+            old.send(Opcode.SETLKW, file_node, abi.LK_IN, fh=lfh, lk_flags=abi.LK_FLOCK, type=1)
+        time.sleep(0.2)
+        late = b"late write that must never land"
+        old.send_raw(raw_frame(Opcode.WRITE, old.next_unique(), fnode,
+                               abi.WRITE_IN.pack(fh=fh2, size=len(late)) + late))
+        time.sleep(0.2)
+
+        bystander = env.connect()  # no session id
+        other = env.connect(session=os.urandom(wire.SESSION_ID_SIZE))
+        assert _revive(other).error == 0
+        assert _revive(env.connect()).error == 0  # no id: fences nothing
+        bystander.alive()
+
+        new = env.connect(session=sid)
+        start = time.monotonic()
+        assert _revive(new).error == 0
+        took = time.monotonic() - start
+        # the old connection is gone by the time the REVIVE is answered: its lock is free
+        probe = os.open(env.export / "hello", os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+        assert took < 5, took
+    finally:
+        fcntl.flock(host, fcntl.LOCK_UN)
+        os.close(host)
+    time.sleep(0.3)
+    assert (env.export / "hello").read_bytes() == HELLO  # the queued WRITE never ran
+    assert old.closed_by_peer()
+    other.alive()
+    bystander.alive()
+    new.alive()
+    fences = [r.getMessage() for r in caplog.records if "old connection was shut down" in
+              r.getMessage()]
+    assert len(fences) == 1 and f"session {sid.hex()[:8]}" in fences[0], fences
+    dropped = re.search(r"\((\d+) request\(s\) read and never started", fences[0])
+    assert dropped is not None and int(dropped.group(1)) >= 1, fences  # the WRITE
 
 
 # --- lying lengths and unparsable streams -----------------------------------------------------------

@@ -5,30 +5,51 @@ relay in this test process that forwards bytes both ways, so the test can cut th
 when it likes: both sockets are closed with an RST (SO_LINGER 0) and the relay refuses new
 connections until it is told to accept again. The server itself is never touched: the agent
 must find the same live server again (its ``-o reconnect=`` default), and the server must let
-go of everything the old connection held.
+go of everything the old connection held. The relay can also keep what the agent sends and hand
+it to the server late, on the old connection, as a router's queue would: the server must never
+run it once the agent has revived its session on a new connection (fencing).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import select
 import socket
 import struct
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import ServedPair, abort_fuse, requires_mount, wait_for
+from notifyfs import wire
 from notifyfs.linux import inotify as ino
 from oracle import Recorder
 
 pytestmark = [requires_mount, pytest.mark.timeout(150)]
 
 _LINGER_RST = struct.pack("ii", 1, 0)  # on, 0 s: close() sends RST and drops unsent data
+
+
+@dataclass(eq=False)
+class _Link:
+    """One agent connection through the relay: its two sockets and two pumps. Once the agent
+    sends a request of opcode ``hold_from``, that request and everything after it is kept in
+    ``held`` instead of reaching the server."""
+
+    agent_side: socket.socket
+    server_side: socket.socket
+    pumps: list[threading.Thread] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    hold_from: int | None = None
+    holding: bool = False
+    held: bytearray = field(default_factory=bytearray)
 
 
 class TcpCutter:
@@ -39,21 +60,21 @@ class TcpCutter:
     reconnect attempts are refused); ``accept_again()`` listens on the same port again.
     ``cut(hold_server_side=True)`` resets only the agent's side and keeps the server's side open
     and silent, as a middlebox that lost the connection would: the server's old connection stays
-    alive (half-open) after the agent has reconnected, until ``release_held()``."""
+    open (half-open) until ``release_held()``. ``hold_from()`` makes the current connections keep
+    what the agent sends from a request of a given opcode on (bytes in a router's queue);
+    ``deliver_held()`` hands those bytes to the server late, on the held old connection."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.listener: socket.socket | None = None
         self.port = 0
         self.lock = threading.Lock()
-        self.pairs: list[tuple[socket.socket, socket.socket, list[threading.Thread]]] = []
-        self.held: list[socket.socket] = []
+        self.links: list[_Link] = []
+        self.held: list[_Link] = []
         self.accepted = 0
-        self.cutting = False  # pumps that end now must not pass the end on (no FIN)
         self.accept_again()
 
     def accept_again(self) -> None:
-        self.cutting = False
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind(("127.0.0.1", self.port))
@@ -75,30 +96,87 @@ class TcpCutter:
             except OSError:
                 agent_side.close()
                 continue
-            pumps = [threading.Thread(target=self._pump, args=(a, b), daemon=True, name="pump")
-                     for a, b in ((agent_side, server_side), (server_side, agent_side))]
+            link = _Link(agent_side, server_side)
+            link.pumps = [threading.Thread(target=self._pump, args=(link, a, b), daemon=True,
+                                           name="pump")
+                          for a, b in ((agent_side, server_side), (server_side, agent_side))]
             with self.lock:
-                self.pairs.append((agent_side, server_side, pumps))
+                self.links.append(link)
                 self.accepted += 1
-            for t in pumps:
+            for t in link.pumps:
                 t.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
+        # poll with a timeout, so that cut() can stop the pump without a shutdown() that would
+        # change the held server side's state
+        poller = select.poll()
+        poller.register(src, select.POLLIN)
+        uplink = src is link.agent_side
+        partial = b""  # the agent's requests are passed on whole (fuse_in_header.len) ...
+        handshake: int | None = None  # ... after its handshake (bytes of it not passed on yet)
         try:
-            while True:
+            while not link.stop.is_set():
+                if not poller.poll(50):
+                    continue
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                dst.sendall(data)
+                if not uplink:
+                    dst.sendall(data)
+                    continue
+                partial += data
+                if handshake is None and len(partial) >= wire._HELLO.size:
+                    # the hello, its token and the session id (the server agrees to it)
+                    *_, features, ntoken = wire._HELLO.unpack_from(partial)
+                    handshake = wire._HELLO.size + ntoken + (
+                        wire.SESSION_ID_SIZE if features & wire.FEATURE_SESSION else 0)
+                if handshake is None:
+                    continue
+                if handshake:
+                    n = min(handshake, len(partial))
+                    dst.sendall(partial[:n])
+                    partial, handshake = partial[n:], handshake - n
+                while not handshake and len(partial) >= 8:
+                    size, opcode = struct.unpack_from("=II", partial)
+                    if len(partial) < size:
+                        break
+                    frame, partial = partial[:size], partial[size:]
+                    if opcode == link.hold_from:
+                        link.holding = True
+                    if link.holding:
+                        link.held += frame
+                    else:
+                        dst.sendall(frame)
         except OSError:
             pass
-        if self.cutting:
+        if link.stop.is_set():
             return
         # one side ended on its own (not a cut): pass the end on
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def hold_from(self, opcode: int) -> None:
+        """From the next request of ``opcode`` on, the current connections keep what the agent
+        sends (the requests before it still go through: a WRITE follows the GETXATTR of
+        security.capability that the kernel sends for it)."""
+        with self.lock:
+            for link in self.links:
+                link.hold_from = opcode
+
+    def held_requests(self) -> list[bytes]:
+        """The whole request frames kept so far (fuse_in_header.len frames them)."""
+        with self.lock:
+            data = b"".join(bytes(link.held) for link in self.links + self.held)
+        frames = []
+        while len(data) >= 4:
+            (size,) = struct.unpack_from("=I", data)
+            if size < 40 or len(data) < size:
+                break
+            frames.append(data[:size])
+            data = data[size:]
+        return frames
 
     def cut(self, hold_server_side: bool = False) -> None:
         """Reset the connections now; refuse new ones until accept_again()."""
@@ -108,30 +186,61 @@ class TcpCutter:
         self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.listener = None
-        self.cutting = True
         with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for agent_side, server_side, pumps in pairs:
-            # SHUT_RD wakes the pumps' recv without sending anything to either peer
-            for s in (agent_side, server_side):
-                try:
-                    s.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-            for t in pumps:
+            links, self.links = self.links, []
+        for link in links:
+            link.stop.set()
+            for t in link.pumps:
                 t.join(5)
-            ends = [agent_side] if hold_server_side else [agent_side, server_side]
+            ends = [link.agent_side] if hold_server_side else [link.agent_side, link.server_side]
             for s in ends:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
                 s.close()
             if hold_server_side:
-                self.held.append(server_side)
+                with self.lock:
+                    self.held.append(link)
+
+    def deliver_held(self, unique: int, timeout: float = 10.0) -> str:
+        """Send the kept bytes to the server on the held old connection(s), then wait for the
+        server's answer to request ``unique``: "answered" (the server ran it), "closed" (the
+        server had closed that connection) or "silent" (neither within ``timeout``)."""
+        with self.lock:
+            links = list(self.held)
+        outcome = "silent"
+        for link in links:
+            s = link.server_side
+            try:
+                s.sendall(bytes(link.held))
+            except OSError:
+                return "closed"
+            link.held.clear()
+            s.settimeout(timeout)
+            buf = b""
+            try:
+                while True:
+                    data = s.recv(1 << 16)
+                    if not data:
+                        return "closed"
+                    buf += data
+                    while len(buf) >= 16:  # fuse_out_header: len, error, unique
+                        size, _err, got = struct.unpack_from("=IiQ", buf)
+                        if len(buf) < size:
+                            break
+                        if got == unique:
+                            return "answered"
+                        buf = buf[size:]
+            except TimeoutError:
+                continue
+            except OSError:
+                return "closed"
+        return outcome
 
     def release_held(self) -> None:
-        for s in self.held:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            s.close()
-        self.held.clear()
+        with self.lock:
+            links, self.held = self.held, []
+        for link in links:
+            link.server_side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            link.server_side.close()
 
     def close(self) -> None:
         if self.listener is not None:
@@ -195,6 +304,10 @@ def _names(rec: Recorder) -> list[tuple[str, str]]:
 
 def _disconnects(pair: TcpPair) -> int:
     return len(re.findall(r": disconnected$", pair.server_output(), re.M))
+
+
+def _fences(pair: TcpPair) -> int:
+    return len(re.findall(r"its old connection was shut down first", pair.server_output()))
 
 
 def test_dropped_connection_reconnects_to_the_live_server(tmp_path: Path) -> None:
@@ -331,7 +444,8 @@ def test_cut_during_a_write_loop(tmp_path: Path) -> None:
     reset of both ends, then a half-open cut (the agent's end is reset, the server's end stays
     open and silent until after the agent has reconnected). Expected: the writer never hangs;
     a write either succeeds or fails with EIO; every write that succeeded is on the host byte
-    for byte; the server ends both old connections and the agent keeps its mount."""
+    for byte; the server ends both old connections (the half-open one when the agent revives,
+    before the revive is answered) and the agent keeps its mount."""
     pair = TcpPair(tmp_path)
     try:
         pair.mount()
@@ -380,8 +494,10 @@ def test_cut_during_a_write_loop(tmp_path: Path) -> None:
             progress.clear()
             assert progress.wait(30), f"no write succeeded after the cut: {pair.agent_output()}"
             if hold:
-                # the agent has reconnected while the server's old connection is still open
-                assert _disconnects(pair) == 1, pair.server_output()
+                # the agent has reconnected while the server's old connection was still open:
+                # the server ended that one before it answered the revive (fencing)
+                assert _disconnects(pair) == 2, pair.server_output()
+                assert _fences(pair) == 1, pair.server_output()
                 time.sleep(0.5)
                 held_fds[:] = [pair.server_fds(), pair.server_threads()]
                 pair.cutter.release_held()
@@ -399,9 +515,149 @@ def test_cut_during_a_write_loop(tmp_path: Path) -> None:
         assert host == bytes(written), (len(host), len(written))
         fds_end = pair.wait_stable(pair.server_fds)
         print(f"\nwrite loop: {counts['ok']} writes, {counts['eio']} EIO over two cuts; server "
-              f"fds {fds_one} with one connection, {held_fds[0]} ({held_fds[1]} threads) while "
-              f"the half-open one was held, {fds_end} after it ended")
+              f"fds {fds_one} with one connection, {held_fds[0]} ({held_fds[1]} threads) after "
+              f"the revive fenced the half-open one, {fds_end} after the relay let it go")
         assert fds_end <= fds_one + 2, (fds_one, fds_end)
         assert pair.agent is not None and pair.agent.poll() is None, pair.agent_output()
     finally:
+        pair.close()
+
+
+_WRITE = 16  # FUSE_WRITE
+_VERSION_A = (b"version A: the old write, retried\n" * 130)[:4096]
+_VERSION_B = (b"version B: written after the retry\n" * 130)[:4096]
+
+
+def _held_write(cutter: TcpCutter, data: bytes) -> int | None:
+    """The unique of a held WRITE request carrying ``data``, if the relay holds one."""
+    for frame in cutter.held_requests():
+        opcode, unique = struct.unpack_from("=IQ", frame, 4)
+        if opcode == _WRITE and frame.endswith(data):
+            return int(unique)
+    return None
+
+
+def test_late_write_on_the_old_connection_never_runs(tmp_path: Path) -> None:
+    """Fault: the guest's WRITE of version A is stuck in the network (the relay holds it) when
+    the agent's end of the connection is reset; the server's end stays open and silent. The
+    agent reconnects through a new relay connection, revives and retries the WRITE; the guest
+    then writes version B over it and fsyncs; only then does the old WRITE reach the server, on
+    the old connection. Expected: the guest's write of A waits and then succeeds; the host
+    file is B (the old WRITE never runs: the server shut the old connection down when the
+    session revived, before answering the revive); the guest reads B."""
+    assert len(_VERSION_A) == len(_VERSION_B) == 4096
+    pair = TcpPair(tmp_path)
+    fd = -1
+    try:
+        (pair.export / "f").write_bytes(b"0" * 4096)
+        pair.mount()
+        assert pair.cutter is not None
+        cutter = pair.cutter
+        # without --writeback on the server the guest's page cache writes through: pwrite sends
+        # its WRITE at once and returns with its answer
+        fd = os.open(pair.mnt / "f", os.O_RDWR)
+        assert os.pread(fd, 4096, 0) == b"0" * 4096
+        time.sleep(0.5)  # the agent's own requests after the mount have gone through
+
+        cutter.hold_from(_WRITE)
+        result: dict[str, object] = {}
+
+        def write_a() -> None:
+            start = time.monotonic()
+            try:
+                result["written"] = os.pwrite(fd, _VERSION_A, 0)
+            except OSError as e:
+                result["error"] = e
+            result["waited"] = time.monotonic() - start
+
+        t = threading.Thread(target=write_a, daemon=True)
+        t.start()
+        assert wait_for(lambda: _held_write(cutter, _VERSION_A) is not None, 10), \
+            cutter.held_requests()
+        unique = _held_write(cutter, _VERSION_A)
+        assert unique is not None
+        assert t.is_alive(), result  # the guest waits for the WRITE's answer
+        assert (pair.export / "f").read_bytes() == b"0" * 4096
+
+        cutter.cut(hold_server_side=True)
+        cutter.accept_again()
+        t.join(30)
+        assert not t.is_alive(), f"the guest's write hung: {pair.agent_output()}"
+        assert result.get("written") == 4096, (result, pair.agent_output())
+        assert (pair.export / "f").read_bytes() == _VERSION_A  # the retry, on the new connection
+        assert cutter.accepted == 2
+
+        os.pwrite(fd, _VERSION_B, 0)
+        os.fsync(fd)
+        assert (pair.export / "f").read_bytes() == _VERSION_B
+
+        outcome = cutter.deliver_held(unique, timeout=10)
+        time.sleep(0.2)
+        host = (pair.export / "f").read_bytes()
+        assert host == _VERSION_B, (f"the old WRITE ran after the retry and overwrote the newer "
+                                    f"data (server: {outcome})")
+        assert outcome == "closed", outcome
+        assert os.pread(fd, 4096, 0) == _VERSION_B
+        assert _fences(pair) == 1, pair.server_output()
+        assert _disconnects(pair) == 1, pair.server_output()
+        fence = re.search(r"dropped; (\d+) ms\)", pair.server_output())
+        print(f"\nthe guest's write of A waited {result['waited']:.2f} s (held, cut, reconnect, "
+              f"retry); the server fenced the old connection in "
+              f"{fence.group(1) if fence else '?'} ms; the late WRITE found it {outcome}")
+        assert pair.agent is not None and pair.agent.poll() is None, pair.agent_output()
+    finally:
+        pair.close()  # first: a close(2) whose requests the relay still holds would wait
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def test_flock_of_the_old_connection_released_on_revive(tmp_path: Path) -> None:
+    """Fault: a guest process holds an flock through the connection when the agent's end is
+    reset and the server's end stays open and silent (half-open). Expected: once the agent has
+    reconnected, the old connection's lock is gone on the host at once (not after TCP gives
+    up on it, ~30 s): another guest locker and then a host locker get it with LOCK_NB."""
+    pair = TcpPair(tmp_path)
+    fds: list[int] = []
+    host_fd = -1
+    try:
+        (pair.export / "lock").write_text("x")
+        pair.mount()
+        assert pair.cutter is not None
+        holder = os.open(pair.mnt / "lock", os.O_RDWR)
+        fds.append(holder)
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        host_fd = os.open(pair.export / "lock", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(host_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the guest's lock is on the host
+
+        start = time.monotonic()
+        pair.cutter.cut(hold_server_side=True)
+        pair.cutter.accept_again()
+        assert wait_for(lambda: "reconnected" in pair.agent_output(), 20), pair.agent_output()
+        reconnected = time.monotonic() - start
+        # another guest process: the lock is free on the host (the guest's own lock of the old
+        # connection is not carried over, as after a server restart)
+        other = os.open(pair.mnt / "lock", os.O_RDWR)
+        fds.append(other)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        fcntl.flock(host_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        took = time.monotonic() - start
+        fcntl.flock(host_fd, fcntl.LOCK_UN)
+        assert _fences(pair) == 1, pair.server_output()
+        assert len(pair.cutter.held) == 1  # the old connection is still open on the relay
+        print(f"\nflock of the half-open connection: agent reconnected {reconnected:.2f} s after "
+              f"the cut; a guest and a host locker had the lock {took:.2f} s after it")
+        assert pair.agent is not None and pair.agent.poll() is None, pair.agent_output()
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if host_fd >= 0:
+            os.close(host_fd)
         pair.close()
