@@ -238,12 +238,21 @@ def test_three_guests_mixed_io_while_the_host_churns(tmp_path: Path, seconds: fl
                        for d in dirs if v.state[d] != t[d]} for v in views]
             raise AssertionError(f"names a guest's watcher got wrong, per guest: {missing}; "
                                  f"(believed but gone, there but unknown): {detail}")
-        # every guest's last write is on the host, and every guest reads it back the same
+        # every guest's last write is on the host, and every guest reads it back the same: at
+        # once if the change's event has been injected, else once the name's cache entry expires
+        # (--entry-timeout, 1 s): the watchers' listings can agree with the host before the last
+        # events arrive (a file replaced by a rename keeps its name)
+        stale = 0
         for i in range(GUESTS):
             for rel, data in written[i].items():
                 assert (export / rel).read_bytes() == data, rel
                 for m in mnts:
-                    assert (m / rel).read_bytes() == data, (m, rel)
+                    if (m / rel).read_bytes() != data:
+                        stale += 1
+                        assert wait_for(lambda m=m, rel=rel, data=data:
+                                        (m / rel).read_bytes() == data, 3), (m, rel)
+        print(f"reads of another guest's last write that were stale at first: {stale} of "
+              f"{sum(len(w) for w in written) * GUESTS}")
         assert server.poll() is None and all(a.poll() is None for a in agents)
     finally:
         for v in views:

@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from . import abi
-from .protocol import Attr, ProtocolError, notification
+from .protocol import Attr, ProtocolError, inval_inode, notification
 
 EXT = struct.Struct("=QII")
 ENTRY = 1 << 0  # an entry follows
@@ -144,3 +144,23 @@ def make_entry(nodeid: int, generation: int, attr: Attr, entry_timeout: float,
 
     return Entry(nodeid, generation, attr,
                  entry_out(nodeid, generation, attr, entry_timeout, attr_timeout))
+
+
+#: remote events that change a file's content or attributes (IN_MODIFY, IN_ATTRIB,
+#: IN_CLOSE_WRITE, as in linux/inotify.py, which this module does not import)
+_INODE_CHANGES = 0x2 | 0x4 | 0x8
+
+
+def invalidations(ev: RemoteEvent) -> list[bytes]:
+    """The FUSE invalidations that make the guest's cache of a file's content and attributes
+    agree with the host after ``ev``.
+
+    The agent writes these as soon as the event arrives, ahead of injecting it: a guest read
+    must not depend on how far behind the injector is (it may be seconds behind a host that
+    changes files fast), only on how fast the event travelled. Names are not invalidated early:
+    injecting the events before this one may have made the very dentries that injecting this
+    one goes through (the CREATE of a file a later MODIFY writes), and the injector invalidates
+    each name itself right before the call that changes it."""
+    if ev.mask & _INODE_CHANGES and ev.entry is not None:
+        return [inval_inode(ev.entry.nodeid)]
+    return []

@@ -560,6 +560,7 @@ class Relay:
                 if struct.unpack_from("=i", frame, 4)[0] == abi.NotifyCode.NOTIFYFS_HANDLE:
                     self.view.handle_notification(frame[abi.OUT_HEADER.size:])
                 elif self.injector is not None:
+                    self._invalidate_early(frame)
                     self.injector.submit(frame)
                 else:
                     self.notifications.put(frame)
@@ -587,6 +588,18 @@ class Relay:
             current = gen == self._conn_gen
         if current:
             self._server_lost(reason)
+
+    def _invalidate_early(self, frame: bytes) -> None:
+        """Have the notifier drop what the guest caches of a file a remote event changed, now,
+        not when the injector (which may be far behind) gets to the event."""
+        if struct.unpack_from("=i", frame, 4)[0] != abi.NotifyCode.NOTIFYFS_EVENT:
+            return
+        try:
+            ev = events.decode_event(frame[abi.OUT_HEADER.size:])
+        except ProtocolError:
+            return  # the injector reports it
+        for inval in events.invalidations(ev):
+            self.notifications.put(inval)
 
     def _server_lost(self, reason: str) -> None:
         can_revive = (self.connector is not None and self.options.reconnect > 0
