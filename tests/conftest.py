@@ -207,6 +207,18 @@ class ServedPair:
     def agent_output(self) -> str:
         return self.agent_log.read_text(errors="replace") if self.agent_log.exists() else ""
 
+    def close_holding(self, fds: list[int]) -> None:
+        """close(), after closing ``fds`` (the guest's open files on the mount): a close(2) on a
+        mount whose agent is gone would wait, so its connection is aborted first."""
+        if self.agent is not None and self.agent.poll() is not None:
+            abort_fuse(self.mnt)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.close()
+
     def close(self) -> None:
         for p in (self.agent, self.server):
             if p is not None and p.poll() is None:

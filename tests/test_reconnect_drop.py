@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServedPair, abort_fuse, requires_mount, wait_for
+from conftest import ServedPair, requires_mount, wait_for
 from notifyfs import wire
 from notifyfs.linux import inotify as ino
 from oracle import Recorder
@@ -429,14 +429,7 @@ def test_dropped_connection_reconnects_to_the_live_server(tmp_path: Path) -> Non
     finally:
         if rec is not None:
             rec.close()
-        if pair.agent is not None and pair.agent.poll() is not None:
-            abort_fuse(pair.mnt)  # a close(2) on a mount without an agent would wait
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        pair.close()
+        pair.close_holding(fds)
 
 
 def test_cut_during_a_write_loop(tmp_path: Path) -> None:

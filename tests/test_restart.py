@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServedPair, abort_fuse, is_mounted, requires_mount, wait_for
+from conftest import ServedPair, is_mounted, requires_mount, wait_for
 from notifyfs.linux import inotify as ino
 from oracle import Recorder
 
@@ -118,14 +118,7 @@ def test_server_restart_guest_carries_on(tmp_path: Path) -> None:
     finally:
         if rec is not None:
             rec.close()
-        if pair.agent is not None and pair.agent.poll() is not None:
-            abort_fuse(pair.mnt)  # a close(2) on a mount without an agent would wait
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        pair.close()
+        pair.close_holding(fds)
 
 
 def test_server_restart_under_io(tmp_path: Path) -> None:
