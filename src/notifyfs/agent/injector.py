@@ -126,6 +126,9 @@ class Injector:
         self.hidden_nodeid = LOCAL_BASE + 1
         self.local[self.hidden_nodeid] = _local_attr(self.hidden_nodeid, stat.S_IFDIR | 0o700)
         self.held: dict[tuple[int, bytes], list[_Held]] = {}
+        #: O_PATH fds of the directories events happened in, kept for a burst of events (let go
+        #: when the queue runs dry, like the anchor): (nodeid, generation) -> fd
+        self.dirs: dict[tuple[int, int], int] = {}
         self.ws = watchset.WatchSet()
         self.sdev = -1
         self.mnt_id = -1
@@ -254,8 +257,21 @@ class Injector:
         self.write_dev(inval_entry(parent, name))
 
     def _dir_fd(self, nodeid: int, generation: int) -> int | None:
+        """An O_PATH fd of the guest's directory ``nodeid``, kept until the queue runs dry
+        (the caller must not close it); None if the guest does not have it."""
         if nodeid == abi.ROOT_ID:
-            return os.dup(self._root())
+            fd: int | None = self._root()
+        else:
+            key = (nodeid, generation & 0xFFFFFFFF)
+            fd = self.dirs.get(key)
+            if fd is None:
+                fd = self._open_dir(nodeid, generation)
+                if fd is None:
+                    return None
+                self.dirs[key] = fd
+        return fd
+
+    def _open_dir(self, nodeid: int, generation: int) -> int | None:
         try:
             return linux_fs.open_fuse_inode(self._anchor(), nodeid, generation, os.O_PATH)
         except OSError as e:
@@ -312,6 +328,12 @@ class Injector:
 
     def _idle(self) -> None:
         """No event waiting: let go of everything that keeps the mount busy."""
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
         if self.anchor_fd >= 0:
             os.close(self.anchor_fd)
             self.anchor_fd = -1
@@ -378,9 +400,6 @@ class Injector:
                 log.exception("injector: event %s failed", ino.mask_names(ev.mask))
             finally:
                 # fds on the mount only while working: a held one would make umount EBUSY
-                if self.root_fd >= 0:
-                    os.close(self.root_fd)
-                    self.root_fd = -1
                 if not self.pending and self.queue.empty():
                     self._idle()
 
@@ -563,7 +582,6 @@ class Injector:
                 log.warning("injecting CREATE %r failed: %s", ev.name, err)
             self.stats["created"] += 1
         finally:
-            os.close(dfd)
             self._settle((ev.entry, ev.counted))
 
     def _delete(self, arrived: float, ev: RemoteEvent) -> None:
@@ -594,7 +612,6 @@ class Injector:
                 log.warning("injecting DELETE %r failed: %s", ev.name, err)
             self.stats["deleted"] += 1
         finally:
-            os.close(dfd)
             self._settle((ev.old, True))
 
     def _move(self, arrived: float, src: RemoteEvent | None, dst: RemoteEvent | None) -> None:
@@ -648,10 +665,8 @@ class Injector:
                 log.warning("injecting a move of %r failed: %s", s_name, err)
             self.stats["moved"] += 1
         finally:
-            for fd in (sfd, dfd, hidden):
-                if fd is not None:
-                    os.close(fd)
             if hidden is not None:
+                os.close(hidden)
                 # forget what went through the hidden directory, and the directory itself
                 self._inval(self.hidden_nodeid, (src or dst).name)  # type: ignore[union-attr]
                 self._inval(abi.ROOT_ID, self.hidden_name)
@@ -667,8 +682,6 @@ class Injector:
             return os.open(ev.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError:
             return None
-        finally:
-            os.close(dfd)
 
     def _held_key(self, ev: RemoteEvent) -> tuple[int, bytes]:
         # by name: whether the server could attach an entry differs from event to event
@@ -741,28 +754,24 @@ class Injector:
         dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
         if ev.name and dfd is None:
             return
-        try:
-            flags = os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR else (
-                os.O_WRONLY if writable else os.O_RDONLY)
-            flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            opened: list[int] = []
+        flags = os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR else (
+            os.O_WRONLY if writable else os.O_RDONLY)
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        opened: list[int] = []
 
-            def do_open() -> None:
-                if ev.name:
-                    opened.append(os.open(ev.name, flags, dir_fd=dfd))
-                else:
-                    opened.append(os.open(self.mountpoint, flags))
+        def do_open() -> None:
+            if ev.name:
+                opened.append(os.open(ev.name, flags, dir_fd=dfd))
+            else:
+                opened.append(os.open(self.mountpoint, flags))
 
-            err = self._with_script({}, do_open)
-            if err is not None or not opened:
-                log.warning("injecting OPEN on %r failed: %s", ev.name, err)
-                return
-            self.held.setdefault(same, []).append(_Held(opened[0], writable))
-            log.debug("injected OPEN of %r (%s), fd %d", ev.name, "w" if writable else "r", opened[0])
-            self.stats["opened"] += 1
-        finally:
-            if dfd is not None:
-                os.close(dfd)
+        err = self._with_script({}, do_open)
+        if err is not None or not opened:
+            log.warning("injecting OPEN on %r failed: %s", ev.name, err)
+            return
+        self.held.setdefault(same, []).append(_Held(opened[0], writable))
+        log.debug("injected OPEN of %r (%s), fd %d", ev.name, "w" if writable else "r", opened[0])
+        self.stats["opened"] += 1
 
     def _guest_type(self, ev: RemoteEvent) -> int:
         fd = self._child_fd(ev)
@@ -799,21 +808,17 @@ class Injector:
         dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
         if ev.name and dfd is None:
             return
-        try:
-            flags = (os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR
-                     else os.O_WRONLY if writable else os.O_RDONLY)
-            flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        flags = (os.O_RDONLY | os.O_DIRECTORY if fmt == stat.S_IFDIR
+                 else os.O_WRONLY if writable else os.O_RDONLY)
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
-            def open_close() -> None:
-                fd = (os.open(ev.name, flags, dir_fd=dfd) if ev.name
-                      else os.open(self.mountpoint, flags))
-                os.close(fd)
+        def open_close() -> None:
+            fd = (os.open(ev.name, flags, dir_fd=dfd) if ev.name
+                  else os.open(self.mountpoint, flags))
+            os.close(fd)
 
-            self._with_script({}, open_close)
-            self.stats["closed"] += 1
-        finally:
-            if dfd is not None:
-                os.close(dfd)
+        self._with_script({}, open_close)
+        self.stats["closed"] += 1
 
 
 _TOUCHES = (ino.IN_MODIFY | ino.IN_ATTRIB | ino.IN_ACCESS | ino.IN_OPEN | ino.IN_CLOSE_WRITE
