@@ -235,7 +235,7 @@ class Injector:
             # scripted errors are negative errnos, 0 is success
             return reply_error(req.unique, -scripted) if scripted else reply(req.unique)
         if req.opcode in (abi.Opcode.LOOKUP, abi.Opcode.MKNOD, abi.Opcode.MKDIR, abi.Opcode.SYMLINK,
-                          abi.Opcode.LINK):
+                          abi.Opcode.LINK, abi.Opcode.CREATE):
             with self.lock:
                 self.consumed.add(abi.ENTRY_OUT.unpack_from(scripted).nodeid)
         return reply(req.unique, scripted)
@@ -575,6 +575,8 @@ class Injector:
                 err = self._with_script(script, lambda: os.mkdir(ev.name, 0o755, dir_fd=dfd))
             elif fmt == stat.S_IFLNK:
                 err = self._with_script(script, lambda: os.symlink(b"?", ev.name, dir_fd=dfd))
+            elif (opening := self._open_follows(ev) if fmt == stat.S_IFREG else None) is not None:
+                err = self._create_open(ev, entry, dfd, script, opening)
             else:
                 mode = fmt | 0o644
                 err = self._with_script(script, lambda: os.mknod(ev.name, mode, 0, dir_fd=dfd))
@@ -583,6 +585,72 @@ class Injector:
             self.stats["created"] += 1
         finally:
             self._settle((ev.entry, ev.counted))
+
+    def _open_follows(self, ev: RemoteEvent) -> tuple[float, RemoteEvent, bool] | None:
+        """The OPEN of the regular file that ``ev`` creates, taken off the queue, and whether
+        to open it for writing, if that OPEN is the very next event and a mark wants it: then
+        one open(O_CREAT) makes both events, with one FUSE round trip less (LOOKUP, CREATE
+        where mknod then open make LOOKUP, MKNOD, OPEN; the GETATTR of the directory the
+        path walk asks the server for stays). Watchers see what a local open(O_CREAT) gives:
+        IN_CREATE, then IN_OPEN, as the host's own did."""
+        if not self.pending:
+            self._pull(0.0)
+        if not self.pending:
+            return None
+        arrived, nxt = self.pending[0]
+        if nxt.mask & (ino.IN_ALL_EVENTS | ino.IN_ISDIR) != ino.IN_OPEN \
+                or self._held_key(nxt) != self._held_key(ev):
+            return None
+        if nxt.entry is not None and (nxt.entry.nodeid != (ev.entry.nodeid if ev.entry else 0)
+                                      or not stat.S_ISREG(nxt.entry.attr.mode)):
+            return None
+        child = nxt.entry.nodeid if nxt.entry else 0
+        bits = _SEEN_AS[ino.IN_OPEN]
+        if not self._wanted(arrived, (nxt.inode, bits), (child, bits)):
+            return None
+        self.pending.popleft()
+        self.stats["events"] += 1
+        return arrived, nxt, self._writable(nxt)
+
+    def _create_open(self, ev: RemoteEvent, entry: Entry, dfd: int,
+                     script: dict[tuple[int, int, bytes], bytes | int],
+                     opening: tuple[float, RemoteEvent, bool]) -> OSError | None:
+        """CREATE and the OPEN that follows it as one open(O_CREAT | O_EXCL); the file stays
+        held open for the MODIFY and CLOSE events to come, as an injected OPEN is. If that
+        fails, the OPEN is injected on its own."""
+        open_arrived, open_ev, writable = opening
+        with self.lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.fake_fhs.add(fh)
+        script[(abi.Opcode.CREATE, ev.inode, ev.name)] = entry.raw + abi.OPEN_OUT.pack(
+            fh, abi.FOPEN_DIRECT_IO, 0)
+        flags = (os.O_WRONLY if writable else os.O_RDONLY) | os.O_CREAT | os.O_EXCL \
+            | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        opened: list[int] = []
+        err = self._with_script(script, lambda: opened.append(
+            os.open(ev.name, flags, stat.S_IMODE(entry.attr.mode), dir_fd=dfd)))
+        if opened:
+            self.held.setdefault(self._held_key(ev), []).append(_Held(opened[0], writable))
+            self.stats["opened"] += 1
+        else:
+            with self.lock:
+                self.fake_fhs.discard(fh)  # the kernel did not take it (it may not even ask)
+            self._open(open_arrived, open_ev)
+        return err
+
+    def _writable(self, ev: RemoteEvent) -> bool:
+        """Is the file of this OPEN event opened for writing on the host?"""
+        if ev.opened_for:  # the server saw what came next on the host
+            return ev.opened_for == OPENED_FOR_WRITE
+        same = self._held_key(ev)
+
+        def later(e: RemoteEvent) -> bool:
+            return self._held_key(e) == same and e.mask & (
+                ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE | ino.IN_ACCESS) != 0
+
+        nxt = self._peek_for(later, LOOKAHEAD_SECONDS)
+        return nxt is not None and nxt.mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE) != 0
 
     def _delete(self, arrived: float, ev: RemoteEvent) -> None:
         child = ev.old.nodeid if ev.old else 0
@@ -741,16 +809,7 @@ class Injector:
             log.debug("OPEN of %r not injected (type %o)", ev.name, fmt)
             return
         same = self._held_key(ev)
-
-        def later(e: RemoteEvent) -> bool:
-            return self._held_key(e) == same and e.mask & (
-                ino.IN_MODIFY | ino.IN_CLOSE_WRITE | ino.IN_CLOSE_NOWRITE | ino.IN_ACCESS) != 0
-
-        if ev.opened_for:  # the server saw what came next on the host
-            writable = ev.opened_for == OPENED_FOR_WRITE
-        else:
-            nxt = self._peek_for(later, LOOKAHEAD_SECONDS)
-            writable = nxt is not None and nxt.mask & (ino.IN_MODIFY | ino.IN_CLOSE_WRITE) != 0
+        writable = self._writable(ev)
         dfd = self._dir_fd(ev.inode, ev.generation) if ev.name else None
         if ev.name and dfd is None:
             return
