@@ -22,10 +22,19 @@ pytestmark = pytest.mark.skipif(can_mount() is not None, reason=can_mount() or "
 
 
 def _stats(proc: subprocess.Popen[bytes], path: Path) -> dict:  # type: ignore[type-arg]
-    path.unlink(missing_ok=True)
-    proc.send_signal(signal.SIGUSR1)
-    assert wait_for(path.exists, 5), "no stats written"
-    return json.loads(path.read_text())
+    """The share's stats, once its server lists the agent's connection (the mount can be up a
+    moment before the server has registered the connection it came through)."""
+    got: dict = {}  # type: ignore[type-arg]
+
+    def read() -> bool:
+        path.unlink(missing_ok=True)
+        proc.send_signal(signal.SIGUSR1)
+        assert wait_for(path.exists, 5), "no stats written"
+        got.update(json.loads(path.read_text()))
+        return bool(got["server"])
+
+    assert wait_for(read, 10), f"the server lists no connection: {got}"
+    return got
 
 
 def _drop_caches() -> None:
