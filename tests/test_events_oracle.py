@@ -102,6 +102,10 @@ SCENARIOS = [
     Scenario("mkdir", _none, [""], lambda r: os.mkdir(r / "d")),
     Scenario("rmdir", _files(dirs=("d",)), [""], lambda r: os.rmdir(r / "d")),
     Scenario("rmdir-watched", _files(dirs=("d",)), ["", "d"], lambda r: os.rmdir(r / "d")),
+    # events inside the directory just before (the injector keeps its fd for a burst), and after
+    Scenario("empty-then-rmdir-watched", _files("d/a", "d/b"), ["", "d"],
+             lambda r: (os.unlink(r / "d/a"), os.unlink(r / "d/b"), os.rmdir(r / "d"),
+                        _w(r / "x"))),
     Scenario("rename-same-dir", _files("a"), [""], lambda r: os.rename(r / "a", r / "b")),
     Scenario("rename-across-dirs", _files("x/a", dirs=("y",)), ["x", "y"],
              lambda r: os.rename(r / "x/a", r / "y/b")),

@@ -271,6 +271,13 @@ class Injector:
                 self.dirs[key] = fd
         return fd
 
+    def _let_go_of_dir(self, nodeid: int) -> None:
+        """Close the kept fd of a directory about to be removed: while an fd holds its dentry,
+        the guest kernel reports its DELETE_SELF (and IN_IGNORED) only when that fd is closed,
+        not at the rmdir."""
+        for key in [k for k in self.dirs if k[0] == nodeid]:
+            os.close(self.dirs.pop(key))
+
     def _open_dir(self, nodeid: int, generation: int) -> int | None:
         try:
             return linux_fs.open_fuse_inode(self._anchor(), nodeid, generation, os.O_PATH)
@@ -673,6 +680,7 @@ class Injector:
                 (op, ev.inode, ev.name): 0,
             }
             if isdir:
+                self._let_go_of_dir(old.nodeid)
                 err = self._with_script(script, lambda: os.rmdir(ev.name, dir_fd=dfd))
             else:
                 err = self._with_script(script, lambda: os.unlink(ev.name, dir_fd=dfd))
@@ -724,6 +732,8 @@ class Injector:
                 d_parent, d_name, d_fd = self.hidden_nodeid, src.name, hidden  # type: ignore[union-attr]
             script[(abi.Opcode.LOOKUP, s_parent, s_name)] = moved.raw
             over = dst.old if dst is not None and dfd is not None else None
+            if over is not None and stat.S_ISDIR(over.attr.mode):
+                self._let_go_of_dir(over.nodeid)  # an empty directory the move replaces
             script[(abi.Opcode.LOOKUP, d_parent, d_name)] = over.raw if over else -errno.ENOENT
             script[(abi.Opcode.RENAME, s_parent, s_name)] = 0
             script[(abi.Opcode.RENAME2, s_parent, s_name)] = 0
