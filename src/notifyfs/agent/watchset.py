@@ -24,9 +24,6 @@ class WatchSet:
     added_after: dict[int, float] = field(default_factory=dict)
     everything_after: float = 0.0
 
-    def watched(self, *nodeids: int) -> bool:
-        return bool(self.everything) or any(n in self.masks for n in nodeids)
-
     def wants(self, arrived: float, *targets: tuple[int, int]) -> bool:
         """Would a mark that existed when an event ``arrived`` see any of ``targets``, each a
         (nodeid, event bits) pair: the events the injected call makes on that inode?"""
